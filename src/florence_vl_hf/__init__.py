@@ -1,0 +1,31 @@
+"""Florence-VL as a Hugging Face Transformers model.
+
+Importing the package registers model_type "florence_vl" with AutoConfig, AutoModel,
+AutoModelForImageTextToText and AutoProcessor, and marks the classes so that save_pretrained writes a
+trust_remote_code folder (auto_map plus the flat payload files).
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+from .modeling import FlorenceVLConfig, FlorenceVLForConditionalGeneration, FlorenceVLModel, FlorenceVLPreTrainedModel
+from .processing import FlorenceVLProcessor, build_processor
+
+__version__ = "0.1.0"
+
+AutoConfig.register(FlorenceVLConfig.model_type, FlorenceVLConfig, exist_ok=True)
+AutoModel.register(FlorenceVLConfig, FlorenceVLModel, exist_ok=True)
+AutoModelForImageTextToText.register(FlorenceVLConfig, FlorenceVLForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(FlorenceVLConfig, FlorenceVLProcessor, exist_ok=True)
+
+FlorenceVLConfig.register_for_auto_class()
+FlorenceVLForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+FlorenceVLProcessor.register_for_auto_class()
+
+__all__ = [
+    "FlorenceVLConfig",
+    "FlorenceVLForConditionalGeneration",
+    "FlorenceVLModel",
+    "FlorenceVLPreTrainedModel",
+    "FlorenceVLProcessor",
+    "build_processor",
+]

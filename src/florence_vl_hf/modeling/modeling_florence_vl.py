@@ -1,0 +1,318 @@
+"""Florence-VL: Florence-2 (DaViT + BART encoder) as the vision encoder of a causal LM, with depth-breadth fusion.
+
+Part of the Hub payload: imports only torch, transformers and its sibling configuration file.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.auto import AutoModel
+from transformers.models.bart.modeling_bart import BartEncoder
+from transformers.models.florence2.modeling_florence2 import (
+    Florence2MultiModalProjector,
+    Florence2VisionBackbone,
+    Florence2VisionPositionalEmbeddingCosine1D,
+)
+
+from .configuration_florence_vl import DEPTH_FEATURE, FlorenceVLConfig
+
+
+@dataclass
+class FlorenceVLModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    image_hidden_states (`torch.FloatTensor`, *optional*):
+        The fused, projected image features, shape `(num_images, num_image_tokens, hidden_size)`.
+    """
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class FlorenceVLCausalLMOutputWithPast(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class FlorenceVLVisionTower(nn.Module):
+    """Florence-2 without its decoder: DaViT, image projection + norm (with position embeddings), BART encoder."""
+
+    def __init__(self, config: FlorenceVLConfig):
+        super().__init__()
+        florence2 = config.vision_config
+        self.backbone = Florence2VisionBackbone(florence2.vision_config)
+        self.image_projector = Florence2MultiModalProjector(florence2)
+        self.encoder = BartEncoder(florence2.text_config)
+
+    def forward(self, pixel_values: torch.Tensor, task_prompt_ids: torch.Tensor, task_prompt_mask: torch.Tensor | None):
+        """Returns the depth feature `(N, T, D)` and the breadth features `(N, P, T, D)` for prompts `(N, P, L)`."""
+        depth = self.image_projector(self.backbone(pixel_values).last_hidden_state)
+        num_images, num_tokens, width = depth.shape
+        num_prompts, prompt_length = task_prompt_ids.shape[1:]
+        if num_prompts == 0:
+            return depth, depth.new_zeros(num_images, 0, num_tokens, width)
+
+        prompt_embeds = self.encoder.embed_tokens(task_prompt_ids.flatten(0, 1)).to(depth.dtype)
+        image_tokens = depth.repeat_interleave(num_prompts, dim=0)
+        attention_mask = None
+        if task_prompt_mask is not None:
+            image_mask = task_prompt_mask.new_ones(num_images * num_prompts, num_tokens)
+            attention_mask = torch.cat([image_mask, task_prompt_mask.flatten(0, 1)], dim=1)
+        encoded = self.encoder(
+            inputs_embeds=torch.cat([image_tokens, prompt_embeds], dim=1), attention_mask=attention_mask
+        ).last_hidden_state
+        breadth = encoded[:, :num_tokens].reshape(num_images, num_prompts, num_tokens, width)
+        return depth, breadth
+
+
+class FlorenceVLMultiModalProjector(nn.Module):
+    """LLaVA's `mlp{N}x_gelu`: Linear(in, H), then N-1 times (GELU, Linear(H, H))."""
+
+    def __init__(self, config: FlorenceVLConfig):
+        super().__init__()
+        hidden = config.text_config.hidden_size
+        dims = [config.projector_input_dim] + [hidden] * config.projector_depth
+        self.linears = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(config.projector_depth))
+        self.act = ACT2FN[config.projector_hidden_act]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.linears[0](features)
+        for linear in self.linears[1:]:
+            hidden_states = linear(self.act(hidden_states))
+        return hidden_states
+
+
+class FlorenceVLPreTrainedModel(PreTrainedModel):
+    config: FlorenceVLConfig
+    config_class = FlorenceVLConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Florence2VisionBlock", "BartEncoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = False
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, Florence2VisionPositionalEmbeddingCosine1D):
+            sine, cosine = module.get_sinusoid_embeddings(module.max_seq_len, module.embed_dim)
+            table = torch.empty(module.max_seq_len, module.embed_dim)
+            table[:, 0::2], table[:, 1::2] = sine, cosine
+            with torch.no_grad():
+                module.pos_idx_to_embed.copy_(table)
+
+
+class FlorenceVLModel(FlorenceVLPreTrainedModel):
+    def __init__(self, config: FlorenceVLConfig):
+        super().__init__(config)
+        self.vision_tower = FlorenceVLVisionTower(config)
+        self.multi_modal_projector = FlorenceVLMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor):
+        size = self.config.image_size
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or pixel_values.shape[-2:] != (size, size):
+            raise ValueError(
+                f"pixel_values must have shape (num_images, 3, {size}, {size}) for this model, "
+                f"got {tuple(pixel_values.shape)}"
+            )
+
+    def _task_prompts(self, task_prompt_ids, num_images, device):
+        if task_prompt_ids is None:
+            ids = torch.tensor(self.config.task_prompt_ids, dtype=torch.long, device=device)
+            task_prompt_ids = ids.unsqueeze(0).expand(num_images, -1, -1)
+        elif task_prompt_ids.ndim != 3 or task_prompt_ids.shape[:2] != (num_images, len(self.config.task_prompt_names)):
+            raise ValueError(
+                f"task_prompt_ids must have shape (num_images={num_images}, "
+                f"num_prompts={len(self.config.task_prompt_names)}, prompt_length), got {tuple(task_prompt_ids.shape)}"
+            )
+        used = [self.config.task_prompt_names.index(s) for s in self.config.vision_feature_sources if s != DEPTH_FEATURE]
+        task_prompt_ids = task_prompt_ids[:, used].to(device)
+        mask = None
+        if not self.config.task_prompt_attend_padding:
+            mask = (task_prompt_ids != self.config.vision_config.text_config.pad_token_id).long()
+        return task_prompt_ids, mask, used
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, task_prompt_ids: torch.LongTensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """Fused, projected image features: `pooler_output` has shape `(num_images, num_image_tokens, hidden)`.
+
+        `task_prompt_ids` `(num_images, num_prompts, prompt_length)` come from the processor; the config's prompts
+        are used when absent. `last_hidden_state` holds the depth feature (the projected DaViT tokens).
+        """
+        self._check_pixel_values(pixel_values)
+        prompts, prompt_mask, used = self._task_prompts(task_prompt_ids, pixel_values.shape[0], pixel_values.device)
+        depth, breadth = self.vision_tower(pixel_values, prompts, prompt_mask)
+        features = []
+        for source in self.config.vision_feature_sources:
+            if source == DEPTH_FEATURE:
+                features.append(depth)
+            else:
+                features.append(breadth[:, used.index(self.config.task_prompt_names.index(source))])
+        if not self.config.include_average_image_token:
+            features = [feature[:, 1:] for feature in features]
+        if self.config.fusion == "channel":
+            fused = torch.cat(features, dim=-1)
+        elif self.config.fusion == "token":
+            fused = torch.cat(features, dim=1)
+        else:
+            fused = torch.stack(features).mean(dim=0)
+        projected = self.multi_modal_projector(fused)
+        return BaseModelOutputWithPooling(last_hidden_state=depth, pooler_output=projected)
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
+        if input_ids is None:
+            image_embedding = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+            )
+            mask = (inputs_embeds == image_embedding).all(-1)
+        else:
+            mask = input_ids == self.config.image_token_id
+        num_tokens = int(mask.sum())
+        if num_tokens * inputs_embeds.shape[-1] != image_features.numel():
+            raise ValueError(
+                f"Image features and image tokens do not match: {num_tokens} image tokens in the input, "
+                f"{image_features.shape[0]} features ({self.config.num_image_tokens} per image). Each image needs "
+                f"exactly {self.config.num_image_tokens} `<image>` tokens: was a prompt truncated?"
+            )
+        return mask.unsqueeze(-1).to(inputs_embeds.device)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        task_prompt_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
+    ) -> FlorenceVLModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and (mm_encoder_outputs or {}).get("image") is not None:
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        if image_outputs is None and pixel_values is not None:
+            image_outputs = self.get_image_features(pixel_values, task_prompt_ids=task_prompt_ids)
+        image_features = None
+        if image_outputs is not None:
+            image_features = image_outputs.pooler_output
+            if not isinstance(image_features, torch.Tensor):
+                image_features = torch.stack(list(image_features))
+            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            flat = image_features.reshape(-1, image_features.shape[-1])
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, flat)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, flat)
+        elif input_ids is not None and (input_ids == self.config.image_token_id).any():
+            raise ValueError("input_ids contain image tokens but no pixel_values were given")
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        return FlorenceVLModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: FlorenceVLConfig):
+        super().__init__(config)
+        self.model = FlorenceVLModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_image_features(self, pixel_values: torch.Tensor, task_prompt_ids: torch.LongTensor | None = None, **kwargs):
+        return self.model.get_image_features(pixel_values, task_prompt_ids=task_prompt_ids, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        task_prompt_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
+    ) -> FlorenceVLCausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            task_prompt_ids=task_prompt_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return FlorenceVLCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+
+__all__ = [
+    "FlorenceVLForConditionalGeneration",
+    "FlorenceVLModel",
+    "FlorenceVLPreTrainedModel",
+]
