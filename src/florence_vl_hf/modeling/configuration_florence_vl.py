@@ -6,7 +6,6 @@ weights by ``save_pretrained``.
 
 import re
 
-from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto import AutoConfig
@@ -65,7 +64,6 @@ def _davit_grid_side(image_size: int, vision_config) -> int:
     return side
 
 
-@strict
 class FlorenceVLConfig(PreTrainedConfig):
     r"""
     Configuration of a Florence-VL model: a Florence-2 vision tower (DaViT + image projection + BART encoder, in
@@ -119,11 +117,12 @@ class FlorenceVLConfig(PreTrainedConfig):
         if self.vision_feature_sources is None:
             self.vision_feature_sources = [DEPTH_FEATURE, *(self.task_prompt_names or [])]
         super().__post_init__(**kwargs)
+        self.validate_florence_vl()
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
 
-    def validate_architecture(self):
-        super().validate_architecture()
+    def validate_florence_vl(self):
+        """Raise a ValueError naming the problem when projector, fusion or prompt settings don't fit together."""
         names, ids = self.task_prompt_names or [], self.task_prompt_ids or []
         if len(names) != len(ids) or len(set(names)) != len(names):
             raise ValueError(

@@ -1,12 +1,12 @@
 """Florence-VL processor: images as the original (pad to square, Florence-2's CLIP preprocessing), prompts tokenized
 the way the original LLaVA code fed its LLM, and the Florence-2 task prompts that yield the breadth features.
 
-Part of the Hub payload: imports only torch, transformers, PIL and numpy (a transformers dependency).
+Part of the Hub payload: imports only torch, transformers and PIL.
 """
 
-import numpy as np
 import PIL.Image
 import PIL.ImageOps
+import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import load_image
 from transformers.processing_utils import ProcessorMixin
@@ -22,13 +22,16 @@ def _to_rgb(image, index: int) -> PIL.Image.Image:
         except Exception as error:
             raise ValueError(f"Image {index} could not be read from {image!r}: {error}") from error
     elif not isinstance(image, PIL.Image.Image):
-        array = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)
+        array = torch.as_tensor(image).detach().cpu()
         if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-            array = array.transpose(1, 2, 0)
-        if array.dtype != np.uint8:
-            scale = 255.0 if array.size and array.max() <= 1.0 else 1.0
-            array = np.clip(array * scale, 0, 255).round().astype(np.uint8)
-        image = PIL.Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
+            array = array.permute(1, 2, 0)
+        if array.dtype != torch.uint8:
+            array = array.double()
+            scale = 255.0 if array.numel() and array.max() <= 1.0 else 1.0
+            array = (array * scale).clamp(0, 255).round().to(torch.uint8)
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        image = PIL.Image.fromarray(array.contiguous().numpy())
     if image.width == 0 or image.height == 0:
         raise ValueError(f"Image {index} is empty ({image.width}x{image.height})")
     try:
@@ -36,11 +39,12 @@ def _to_rgb(image, index: int) -> PIL.Image.Image:
     except Exception as error:
         raise ValueError(f"Image {index} could not be decoded: {error}") from error
     image = PIL.ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16/32-bit integer greyscale: PIL's convert("RGB") would clip to 255; rescale to 8 bits instead.
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = PIL.Image.fromarray(np.clip(array * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # 16/32-bit integer greyscale: PIL's convert("RGB") would clip at 255; rescale to 8 bits instead.
+        values = torch.tensor(list(image.convert("I").getdata()), dtype=torch.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        values = (values * (255.0 / top)).clamp(0, 255).round().to(torch.uint8)
+        image = PIL.Image.frombytes("L", image.size, values.numpy().tobytes())
     return image.convert("RGB")
 
 

@@ -1,0 +1,43 @@
+"""Assembling Florence-VL models and Hub-ready folders from configs (not part of the Hub payload)."""
+
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from .modeling import FlorenceVLForConditionalGeneration
+from .processing import asset_dir, build_processor, template_for_text_config
+
+_LLM_ASSETS = {"phi3": "phi-3.5-mini-instruct", "llama3": "llama-3.1-8b-instruct"}
+
+
+def generation_config_for(template: str) -> GenerationConfig:
+    """Greedy generation stopping at the LLM's end-of-turn tokens (Phi-3.5: <|end|>, <|endoftext|>; Llama-3.1:
+    <|eot_id|>, <|end_of_text|>)."""
+    upstream = GenerationConfig.from_pretrained(asset_dir(_LLM_ASSETS[template]))
+    return GenerationConfig(
+        bos_token_id=upstream.bos_token_id,
+        eos_token_id=upstream.eos_token_id,
+        pad_token_id=upstream.pad_token_id,
+        do_sample=False,
+    )
+
+
+def build_random_model(config, seed: int = 0, template: str | None = None):
+    """A randomly initialised model and its processor (the bundled tokenizer matching the config's LLM)."""
+    template = template or template_for_text_config(config.text_config)
+    processor = build_processor(config, template=template)
+    torch.manual_seed(seed)
+    model = FlorenceVLForConditionalGeneration(config).eval()
+    model.generation_config = generation_config_for(template)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
+def save_hub_folder(model, processor, output_dir) -> Path:
+    """save_pretrained of model and processor: safetensors, config with auto_map, the payload .py files."""
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    return output_dir
