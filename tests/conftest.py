@@ -1,0 +1,33 @@
+import os
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="florence_vl_test_modules_"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import florence_vl_hf  # noqa: E402,F401  (registers the Auto classes)
+from florence_vl_hf.build import build_random_model  # noqa: E402
+from florence_vl_hf.processing import asset_dir  # noqa: E402
+from florence_vl_hf.tiny import tiny_config  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def shapes_image():
+    return Image.open(asset_dir("phi-3.5-mini-instruct").parent / "shapes.png").convert("RGB")
+
+
+@pytest.fixture(scope="session", params=["phi3", "llama"])
+def tiny(request):
+    """(model, processor) with random weights, for each LLM family."""
+    return build_random_model(tiny_config(request.param), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3():
+    return build_random_model(tiny_config("phi3"), seed=0)
