@@ -24,7 +24,12 @@ def run_without_package(code: str, timeout: float = 900, env: dict | None = None
     child_env.setdefault("HF_HUB_OFFLINE", "1")
     child_env.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="florence_vl_modules_"))
     result = subprocess.run(
-        [sys.executable, "-c", _BLOCKER + code], capture_output=True, text=True, timeout=timeout, env=child_env
+        [sys.executable, "-c", _BLOCKER + code],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env,
     )
     if result.returncode != 0:
         raise RuntimeError(f"Isolated process failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
