@@ -1,0 +1,27 @@
+import json
+
+import pytest
+
+from florence_vl_hf.cli import main
+
+
+@pytest.mark.slow
+def test_demo_builds_saves_reloads_remotely_and_answers(tmp_path, capsys):
+    output = tmp_path / "demo"
+    assert main(["demo", "--output-dir", str(output), "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    config = json.loads((output / "config.json").read_text())
+    assert config["model_type"] == "florence_vl"
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForImageTextToText"}
+    assert (output / "model.safetensors").is_file() and (output / "processing_florence_vl.py").is_file()
+    assert f"saved a Hub-ready folder to {output}" in printed
+    assert "trust_remote_code=True in a process where florence_vl_hf cannot be imported" in printed
+    assert "transformers_modules." in printed  # the class really came from the saved folder
+    assert "-> '" in printed
+
+
+def test_demo_refuses_a_non_empty_output_dir(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("precious")
+    assert main(["demo", "--output-dir", str(tmp_path)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").read_text() == "precious"
