@@ -2,6 +2,7 @@
 
 import ast
 import json
+import sys
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from florence_vl_hf.isolation import run_without_package
 from florence_vl_hf.processing import asset_dir
 
 PAYLOAD = ("configuration_florence_vl.py", "modeling_florence_vl.py", "processing_florence_vl.py")
-ALLOWED_TOP_LEVEL = {"torch", "transformers", "PIL", "re", "dataclasses"}
+ALLOWED_TOP_LEVEL = {"torch", "transformers", "PIL"} | set(sys.stdlib_module_names)
 QUESTION = "What shapes are in the image?"
 
 REMOTE = """
@@ -38,7 +39,7 @@ print(json.dumps({{"model_module": type(model).__module__, "processor_module": t
 """
 
 
-def test_payload_imports_only_torch_transformers_pil_and_siblings(tiny_phi3, tmp_path):
+def test_payload_imports_only_torch_transformers_pil_stdlib_and_siblings(tiny_phi3, tmp_path):
     model, processor = tiny_phi3
     save_hub_folder(model, processor, tmp_path)
     for name in PAYLOAD:

@@ -21,7 +21,8 @@ def make_processor(base, image_size, image_aspect_ratio="pad"):
         image_processor=florence2_image_processor(image_size),
         tokenizer=base.tokenizer,
         num_image_tokens=2,
-        task_prompts=base.task_prompts,
+        task_prompt_names=base.task_prompt_names,
+        task_prompt_texts=base.task_prompt_texts,
         task_prompt_ids=base.task_prompt_ids,
         image_aspect_ratio=image_aspect_ratio,
     )
@@ -177,15 +178,6 @@ def test_mode_P_palette(identity_processor):
     assert_same_as(identity_processor, image, palette[index])
 
 
-TRANSPARENCY_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a square image whose info has a 'transparency' key (P + tRNS index, RGB PNG + tRNS colour) keeps "
-           "it through _to_rgb/_pad_to_square; transformers 5's convert_to_rgb (do_convert_rgb=True in "
-           "florence2_image_processor) then paints every pixel of that colour white. The original (4.43 "
-           "convert_to_rgb returns RGB images untouched) and the padded non-square path keep the colour.",
-)
-
-
 def palette_with_transparency(height, width):
     palette = noise((256, 3), seed=9)
     index = noise((height, width), seed=10)
@@ -209,9 +201,9 @@ def rgb_png_with_colour_key(height, width):
 @pytest.mark.parametrize(
     "make,shape",
     [
-        pytest.param(palette_with_transparency, (24, 24), marks=TRANSPARENCY_BUG, id="P-square"),
+        pytest.param(palette_with_transparency, (24, 24), id="P-square"),
         pytest.param(palette_with_transparency, (16, 24), id="P-wide"),
-        pytest.param(rgb_png_with_colour_key, (24, 24), marks=TRANSPARENCY_BUG, id="RGB-tRNS-square"),
+        pytest.param(rgb_png_with_colour_key, (24, 24), id="RGB-tRNS-square"),
         pytest.param(rgb_png_with_colour_key, (24, 16), id="RGB-tRNS-tall"),
     ],
 )
@@ -251,9 +243,6 @@ def test_mode_I16_from_png_file(identity_processor, tmp_path):
     assert_same_as(identity_processor, reopened, np.stack([eight] * 3, -1))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: for a str path/URL _to_rgb calls transformers' load_image, which already "
-                                        "does convert('RGB') and clips 16-bit values at 255 before the I;16 rescaling "
-                                        "branch runs: the same file opened with PIL is rescaled, by path it is white")
 def test_mode_I16_png_by_path(identity_processor, tmp_path):
     values = np.random.RandomState(13).randint(0, 65536, size=(24, 24)).astype(np.uint16)
     path = tmp_path / "deep.png"
@@ -363,9 +352,6 @@ def test_int32_array_small_values(identity_processor):
     assert_same_as(identity_processor, rgb.astype(np.int64), rgb)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG/inconsistency: a uint16 numpy array is clamped at 255 (array branch of "
-                                        "_to_rgb), while the same data as a PIL 'I;16' image is rescaled by "
-                                        "255/65535")
 def test_numpy_uint16_like_pil_I16(identity_processor):
     values = np.random.RandomState(36).randint(0, 65536, size=(24, 24)).astype(np.uint16)
     np.testing.assert_array_equal(pixels(identity_processor, values),
@@ -379,8 +365,6 @@ def test_image_path_string(identity_processor, tmp_path):
     assert_same_as(identity_processor, str(path), rgb)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a pathlib.Path is sent to torch.as_tensor and fails with "
-                                        "'RuntimeError: Could not infer dtype of PosixPath' (only str paths load)")
 def test_image_pathlib_path(identity_processor, tmp_path):
     rgb = noise((24, 24, 3), seed=38)
     path = tmp_path / "x.png"

@@ -394,8 +394,6 @@ def test_truncation_like_tokenizer(llama_processor, truncation):
     assert llama_processor(text=text, truncation=truncation, max_length=4)["input_ids"] == [expected]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: truncation='do_not_truncate' is truthy, so the processor truncates "
-                                        "(processing_florence_vl.py `if truncation and max_length is not None`)")
 def test_truncation_do_not_truncate(llama_processor):
     text = "Hello there, how are you doing today?"
     expected = llama_processor.tokenizer(text, truncation="do_not_truncate", max_length=4)["input_ids"]
@@ -419,7 +417,8 @@ def test_error_unknown_aspect_ratio(phi3_processor):
 def test_error_task_prompt_mismatch(phi3_processor):
     with pytest.raises(ValueError, match="one entry per prompt"):
         FlorenceVLProcessor(image_processor=phi3_processor.image_processor, tokenizer=phi3_processor.tokenizer,
-                            task_prompts={"a": "x", "b": "y"}, task_prompt_ids=[[0, 1]])
+                            task_prompt_names=["a", "b"], task_prompt_texts=["x", "y"],
+                            task_prompt_ids=[[0, 1]])
 
 
 def test_error_text_none_and_bad_text(phi3_processor):
@@ -535,7 +534,7 @@ def test_save_load_round_trip(processors, chat_data, template, tmp_path):
     processor.save_pretrained(tmp_path)
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert type(loaded).__name__ == "FlorenceVLProcessor"
-    for name in ("num_image_tokens", "task_prompts", "task_prompt_ids", "image_aspect_ratio",
+    for name in ("num_image_tokens", "task_prompts", "task_prompt_ids", "image_aspect_ratio", "padding_side",
                  "sentencepiece_leading_space", "chat_template", "image_token", "image_token_id"):
         assert getattr(loaded, name) == getattr(processor, name), name
     assert loaded.image_processor.size == processor.image_processor.size
@@ -565,11 +564,7 @@ def test_save_load_round_trip(processors, chat_data, template, tmp_path):
     "template",
     [
         "phi3",
-        pytest.param("llama3", marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG: prepare_tokenizer sets tokenizer.padding_side='left' as an attribute only; it is not "
-                   "saved, so a reloaded Llama processor pads on the right (phi3 works only because its upstream "
-                   "tokenizer_config.json already says left)")),
+        "llama3",
     ],
 )
 def test_save_load_keeps_left_padding(processors, template, tmp_path):
@@ -584,9 +579,6 @@ def test_save_load_keeps_left_padding(processors, template, tmp_path):
     assert loaded.tokenizer.padding_side == "left"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: task_prompts is saved as a JSON object with sorted keys, so after "
-                                        "from_pretrained its order (caption, grounding, ocr) no longer matches "
-                                        "the rows of task_prompt_ids (caption, ocr, grounding)")
 def test_save_load_keeps_task_prompt_order(phi3_processor, tmp_path):
     phi3_processor.save_pretrained(tmp_path)
     loaded = AutoProcessor.from_pretrained(tmp_path)

@@ -53,7 +53,7 @@ def florence2_image_processor(image_size: int = 768) -> CLIPImageProcessorPil:
         do_normalize=True,
         image_mean=list(IMAGENET_MEAN),
         image_std=list(IMAGENET_STD),
-        do_convert_rgb=True,
+        do_convert_rgb=False,  # the processor hands over RGB images already (see FlorenceVLProcessor)
     )
 
 
@@ -65,6 +65,7 @@ def prepare_tokenizer(tokenizer, template: str):
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     tokenizer.padding_side = "left"
+    tokenizer.init_kwargs["padding_side"] = "left"  # saved with the tokenizer, so a reload pads left too
     return tokenizer
 
 
@@ -97,7 +98,8 @@ def build_processor(config, tokenizer=None, template: str | None = None) -> Flor
         chat_template=load_chat_template(template),
         image_token=IMAGE_TOKEN,
         num_image_tokens=config.num_image_tokens,
-        task_prompts=dict(zip(config.task_prompt_names, _prompt_texts(config))),
+        task_prompt_names=list(config.task_prompt_names),
+        task_prompt_texts=_prompt_texts(config),
         task_prompt_ids=config.task_prompt_ids,
         # The original used the slow sentencepiece tokenizer for Phi-3.5 (see FlorenceVLProcessor).
         sentencepiece_leading_space=template == "phi3",

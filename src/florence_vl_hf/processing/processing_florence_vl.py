@@ -4,6 +4,8 @@ the way the original LLaVA code fed its LLM, and the Florence-2 task prompts tha
 Part of the Hub payload: imports only torch, transformers and PIL.
 """
 
+import os
+
 import PIL.Image
 import PIL.ImageOps
 import torch
@@ -16,22 +18,14 @@ SPIECE_UNDERLINE = "\u2581"
 
 def _to_rgb(image, index: int) -> PIL.Image.Image:
     """Any PIL mode (and arrays/tensors, paths, URLs) -> an upright 8-bit RGB PIL image."""
-    if isinstance(image, str):
+    if isinstance(image, (str, os.PathLike)):
+        source = os.fspath(image)
         try:
-            image = load_image(image)
+            image = PIL.Image.open(source) if os.path.isfile(source) else load_image(source)
         except Exception as error:
-            raise ValueError(f"Image {index} could not be read from {image!r}: {error}") from error
+            raise ValueError(f"Image {index} could not be read from {source!r}: {error}") from error
     elif not isinstance(image, PIL.Image.Image):
-        array = torch.as_tensor(image).detach().cpu()
-        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-            array = array.permute(1, 2, 0)
-        if array.dtype != torch.uint8:
-            array = array.double()
-            scale = 255.0 if array.numel() and array.max() <= 1.0 else 1.0
-            array = (array * scale).clamp(0, 255).round().to(torch.uint8)
-        if array.ndim == 3 and array.shape[-1] == 1:
-            array = array[..., 0]
-        image = PIL.Image.fromarray(array.contiguous().numpy())
+        image = _array_to_image(image)
     if image.width == 0 or image.height == 0:
         raise ValueError(f"Image {index} is empty ({image.width}x{image.height})")
     try:
@@ -43,9 +37,33 @@ def _to_rgb(image, index: int) -> PIL.Image.Image:
         # 16/32-bit integer greyscale: PIL's convert("RGB") would clip at 255; rescale to 8 bits instead.
         values = torch.tensor(list(image.convert("I").getdata()), dtype=torch.float64)
         top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
-        values = (values * (255.0 / top)).clamp(0, 255).round().to(torch.uint8)
-        image = PIL.Image.frombytes("L", image.size, values.numpy().tobytes())
-    return image.convert("RGB")
+        image = PIL.Image.frombytes("L", image.size, _to_uint8(values * (255.0 / top)).numpy().tobytes())
+    image = image.convert("RGB")
+    # A transparent-colour key would make transformers' convert_to_rgb paint that colour white; the original kept it.
+    image.info.pop("transparency", None)
+    return image
+
+
+def _to_uint8(values: torch.Tensor) -> torch.Tensor:
+    return values.clamp(0, 255).round().to(torch.uint8)
+
+
+def _array_to_image(array) -> PIL.Image.Image:
+    """HWC or CHW arrays/tensors: uint8 as is, floats in [0, 1] or [0, 255], wider integers as 16-bit."""
+    array = torch.as_tensor(array).detach().cpu()
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = array.permute(1, 2, 0)
+    if array.dtype != torch.uint8:
+        is_float = array.is_floating_point()
+        values = array.to(torch.float64)
+        if is_float:
+            scale = 255.0 if values.numel() and values.max() <= 1.0 else 1.0
+        else:
+            scale = 255.0 / 65535.0 if array.dtype == torch.uint16 or values.max() > 255 else 1.0
+        array = _to_uint8(values * scale)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return PIL.Image.fromarray(array.contiguous().numpy())
 
 
 def _pad_to_square(image: PIL.Image.Image, fill: tuple) -> PIL.Image.Image:
@@ -70,8 +88,10 @@ class FlorenceVLProcessor(ProcessorMixin):
         chat_template: Jinja chat template reproducing the original conversation format (phi3 or llama3).
         image_token: placeholder for one image in prompts.
         num_image_tokens: tokens one image occupies in the LLM input (the model config's `num_image_tokens`).
-        task_prompts: Florence-2 task prompt texts, by name (the breadth features).
+        task_prompt_names / task_prompt_texts: the Florence-2 task prompts (the breadth features), in the model
+            config's order.
         task_prompt_ids: their Florence-2 token ids, padded to one length, in the same order.
+        padding_side: side on which batches are padded (`"left"` for generation).
         image_aspect_ratio: `"pad"` pads to a square filled with the mean colour before resizing (the official
             checkpoints), `"square"` resizes directly.
         sentencepiece_leading_space: tokenize like the slow sentencepiece tokenizer the original used for Phi-3.5
@@ -87,9 +107,11 @@ class FlorenceVLProcessor(ProcessorMixin):
         chat_template=None,
         image_token: str = "<image>",
         num_image_tokens: int = 577,
-        task_prompts: dict | None = None,
+        task_prompt_names: list | None = None,
+        task_prompt_texts: list | None = None,
         task_prompt_ids: list | None = None,
         image_aspect_ratio: str = "pad",
+        padding_side: str = "left",
         sentencepiece_leading_space: bool = False,
         **kwargs,
     ):
@@ -97,16 +119,25 @@ class FlorenceVLProcessor(ProcessorMixin):
             raise ValueError(f"image_aspect_ratio must be 'pad' or 'square', got {image_aspect_ratio!r}")
         self.image_token = image_token
         self.num_image_tokens = num_image_tokens
-        self.task_prompts = dict(task_prompts or {})
+        self.task_prompt_names = list(task_prompt_names or [])
+        self.task_prompt_texts = list(task_prompt_texts or [])
         self.task_prompt_ids = [list(row) for row in (task_prompt_ids or [])]
-        if len(self.task_prompts) != len(self.task_prompt_ids):
-            raise ValueError("task_prompts and task_prompt_ids must have one entry per prompt")
+        if not len(self.task_prompt_names) == len(self.task_prompt_texts) == len(self.task_prompt_ids):
+            raise ValueError("task_prompt_names, task_prompt_texts and task_prompt_ids need one entry per prompt")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.image_aspect_ratio = image_aspect_ratio
+        self.padding_side = padding_side
         self.sentencepiece_leading_space = sentencepiece_leading_space
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token) if tokenizer is not None else None
         if tokenizer is not None and (self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id):
             raise ValueError(f"The tokenizer has no {image_token!r} token: add it with tokenizer.add_tokens first")
+
+    @property
+    def task_prompts(self) -> dict:
+        """Task prompt texts by name, in order."""
+        return dict(zip(self.task_prompt_names, self.task_prompt_texts))
 
     @property
     def model_input_names(self):
@@ -188,7 +219,7 @@ class FlorenceVLProcessor(ProcessorMixin):
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token to pad a batch")
-        side = padding_side or self.tokenizer.padding_side
+        side = padding_side or self.padding_side
         ids, masks = [], []
         for sequence in sequences:
             gap = target - len(sequence)
@@ -236,7 +267,7 @@ class FlorenceVLProcessor(ProcessorMixin):
             )
 
         sequences = [self.tokenize_prompt(t, add_special_tokens is not False) for t in texts]
-        if truncation and max_length is not None:
+        if truncation not in (False, None, "do_not_truncate") and max_length is not None:
             truncated = [s[:max_length] for s in sequences]
             for index, (full, cut) in enumerate(zip(sequences, truncated)):
                 if cut.count(self.image_token_id) != full.count(self.image_token_id):
@@ -250,8 +281,8 @@ class FlorenceVLProcessor(ProcessorMixin):
             raise ValueError("Prompts of different lengths need padding=True to be returned as tensors")
         data = {"input_ids": input_ids, "attention_mask": attention_mask}
         if flat_images:
-            pixel_values = self.image_processor(self.preprocess_images(flat_images), return_tensors="np")
-            data["pixel_values"] = pixel_values["pixel_values"]
+            processed = self.image_processor(self.preprocess_images(flat_images), return_tensors=return_tensors)
+            data["pixel_values"] = processed["pixel_values"]
             data["task_prompt_ids"] = [self.task_prompt_ids for _ in flat_images]
         return BatchFeature(data=data, tensor_type=return_tensors)
 
