@@ -195,3 +195,22 @@ def test_device_map_auto_keeps_blocks_whole(tiny_phi3, tmp_path):
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, device_map="auto")
     state = model.state_dict()
     assert all(torch.equal(v.cpu(), state[k]) for k, v in loaded.state_dict().items())
+
+
+def test_any_causal_lm_config_works(shapes_image):
+    """A third LLM family (Qwen2) through AutoModel.from_config, with the Phi-3.5 tokenizer and template."""
+    from transformers import AutoModel
+
+    from florence_vl_hf.build import build_random_model
+    from florence_vl_hf.tiny import tiny_config
+
+    config = tiny_config("phi3")
+    qwen = {"model_type": "qwen2", "vocab_size": 32064, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    config = type(config)(vision_config=config.vision_config.to_dict(), text_config=qwen, image_size=32)
+    model, processor = build_random_model(config, template="phi3")
+    assert type(model.model.language_model).__name__ == "Qwen2Model"
+    inputs = chat_inputs(processor, shapes_image)
+    out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert type(AutoModel.from_config(config)).__name__ == "FlorenceVLModel"
