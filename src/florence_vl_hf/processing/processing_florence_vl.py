@@ -176,7 +176,7 @@ class FlorenceVLProcessor(ProcessorMixin):
         added = self.tokenizer.added_tokens_decoder
         spans = [(token_id, span) for token_id, span in zip(encoding.ids, encoding.offsets) if token_id in added]
         ids, cursor = [], 0
-        for index, (token_id, (start, end)) in enumerate(spans + [(None, (len(text), len(text)))]):
+        for token_id, (start, end) in spans + [(None, (len(text), len(text)))]:
             stretch = text[cursor:start].replace(" ", SPIECE_UNDERLINE)
             if cursor == 0:
                 stretch = SPIECE_UNDERLINE + stretch
