@@ -9,7 +9,7 @@ from pathlib import Path
 DEMO_QUESTION = "What shapes are in the image?"
 
 _REMOTE_PIPELINE = """
-import json, sys
+import json
 from transformers import pipeline
 from PIL import Image
 folder, image_path, question = ({folder!r}, {image!r}, {question!r})

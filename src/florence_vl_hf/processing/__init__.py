@@ -5,6 +5,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
+from ..modeling.configuration_florence_vl import DEFAULT_TASK_PROMPTS
 from .processing_florence_vl import FlorenceVLProcessor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -57,7 +58,7 @@ def florence2_image_processor(image_size: int = 768) -> CLIPImageProcessorPil:
     )
 
 
-def prepare_tokenizer(tokenizer, template: str):
+def prepare_tokenizer(tokenizer):
     """Add the `<image>` token and a pad token the way the original training did, and pad on the left for
     batched generation."""
     if tokenizer.pad_token is None:
@@ -86,7 +87,7 @@ def build_processor(config, tokenizer=None, template: str | None = None) -> Flor
         tokenizer = asset_dir({"phi3": "phi-3.5-mini-instruct", "llama3": "llama-3.1-8b-instruct"}[template])
     if isinstance(tokenizer, (str, Path)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-    tokenizer = prepare_tokenizer(tokenizer, template)
+    tokenizer = prepare_tokenizer(tokenizer)
     if len(tokenizer) > config.text_config.vocab_size:
         raise ValueError(
             f"The tokenizer has {len(tokenizer)} tokens (with {IMAGE_TOKEN}) but the LLM embeds only "
@@ -99,22 +100,13 @@ def build_processor(config, tokenizer=None, template: str | None = None) -> Flor
         image_token=IMAGE_TOKEN,
         num_image_tokens=config.num_image_tokens,
         task_prompt_names=list(config.task_prompt_names),
-        task_prompt_texts=_prompt_texts(config),
+        task_prompt_texts=[DEFAULT_TASK_PROMPTS.get(name, name) for name in config.task_prompt_names],
         task_prompt_ids=config.task_prompt_ids,
         # The original used the slow sentencepiece tokenizer for Phi-3.5 (see FlorenceVLProcessor).
         sentencepiece_leading_space=template == "phi3",
     )
     config.image_token_id = processor.image_token_id
     return processor
-
-
-def _prompt_texts(config) -> list[str]:
-    from ..modeling.configuration_florence_vl import DEFAULT_TASK_PROMPTS
-
-    texts = getattr(config, "task_prompt_texts", None)
-    if texts:
-        return list(texts)
-    return [DEFAULT_TASK_PROMPTS.get(name, name) for name in config.task_prompt_names]
 
 
 __all__ = [

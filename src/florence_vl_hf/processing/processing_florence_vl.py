@@ -252,7 +252,6 @@ class FlorenceVLProcessor(ProcessorMixin):
             raise ValueError("FlorenceVLProcessor handles images and text only")
         if kwargs.pop("original_special_tokens", False):
             add_special_tokens = None
-        kwargs.pop("return_mm_token_type_ids", None)
         if text is None:
             raise ValueError("FlorenceVLProcessor needs `text`: put one `<image>` in it for each image")
         texts = [text] if isinstance(text, str) else list(text)
