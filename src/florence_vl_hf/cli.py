@@ -59,6 +59,104 @@ def _demo(args) -> int:
     return 0
 
 
+def _add_push_options(parser, repo_flag: bool):
+    if repo_flag:
+        parser.add_argument("--push-to-hub", metavar="REPO_ID", help="after a passed verification, upload to this repo")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument("--revision", help="branch to push to (created if missing)")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    parser.add_argument("--commit-message", help="commit message of the upload")
+    parser.add_argument("--token", help="Hub token (default: huggingface_hub login or HF_TOKEN)")
+
+
+def _push(args) -> int:
+    from .conversion.errors import PushError
+    from .conversion.hub import push_folder
+
+    try:
+        url = push_folder(
+            args.folder,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            create_pr=args.create_pr,
+            commit_message=args.commit_message,
+            token=args.token,
+        )
+    except PushError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"pushed {args.folder} to {url}")
+    return 0
+
+
+def _convert(args) -> int:
+    from .conversion import ConversionError, PushError, convert_checkpoint, push_folder
+
+    try:
+        report = convert_checkpoint(
+            args.source,
+            args.output_dir,
+            revision=args.source_revision,
+            token=args.token,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            verify=not args.no_verify,
+            verify_dtype=args.verify_dtype,
+            verify_device=args.verify_device,
+            repo_id=args.push_to_hub or args.repo_id,
+        )
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        print(f"nothing was written to {args.output_dir}", file=sys.stderr)
+        return 1
+    if args.push_to_hub:
+        if not report["verification"].get("passed"):
+            print("error: not pushing: the conversion was not verified (--no-verify)", file=sys.stderr)
+            return 1
+        try:
+            url = push_folder(
+                args.output_dir,
+                args.push_to_hub,
+                private=args.private,
+                revision=args.revision,
+                create_pr=args.create_pr,
+                commit_message=args.commit_message,
+                token=args.token,
+            )
+        except PushError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        print(f"pushed {args.output_dir} to {url}")
+    return 0
+
+
+def _make_fixture(args) -> int:
+    from .conversion import ConversionError, make_fixture
+
+    try:
+        folder = make_fixture(
+            args.output_dir,
+            args.llm,
+            seed=args.seed,
+            dtype=args.dtype,
+            weights_format=args.weights_format,
+            shards=args.shards,
+            image_size=args.image_size,
+            tied_copies=args.tied_copies,
+            overwrite=args.overwrite,
+        )
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    print(f"wrote a tiny random {args.llm} Florence-VL checkpoint in the original layout to {folder}:")
+    for path in files:
+        print(f"  {str(path.relative_to(folder)):40s} {path.stat().st_size:>12,d} bytes")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="florence-vl", description="Florence-VL on Hugging Face Transformers")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +171,47 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--question", default=DEMO_QUESTION)
     demo.add_argument("--max-new-tokens", type=int, default=12)
     demo.set_defaults(handler=_demo)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert an original Florence-VL checkpoint (folder or Hub repo id) into a verified Hub-ready folder",
+    )
+    convert.add_argument("source", help="original checkpoint: a local folder or a Hub repo id (jiuhai/florence-vl-3b-sft)")
+    convert.add_argument("output_dir", help="folder to write (refused if not empty, unless --overwrite)")
+    convert.add_argument("--source-revision", help="revision (branch, tag or commit) of a Hub source")
+    convert.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                         help="dtype of the written weights (default: bfloat16, as the official weights)")
+    convert.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR (atomically)")
+    convert.add_argument("--no-verify", action="store_true", help="skip the verification (the folder cannot be pushed)")
+    convert.add_argument("--verify-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                         help="compute dtype of the verification forwards (default: float32)")
+    convert.add_argument("--verify-device", help="device of the verification (default: cuda if available, else cpu)")
+    convert.add_argument("--repo-id", help="repo id the model card's usage code names (default: --push-to-hub, else "
+                         "the output folder's name)")
+    _add_push_options(convert, repo_flag=True)
+    convert.set_defaults(handler=_convert)
+
+    fixture = commands.add_parser(
+        "make-fixture", help="write a tiny random checkpoint in the original Florence-VL layout (for tests and demos)"
+    )
+    fixture.add_argument("output_dir")
+    fixture.add_argument("--llm", default="phi3", choices=["phi3", "llama"])
+    fixture.add_argument("--seed", type=int, default=0)
+    fixture.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    fixture.add_argument("--weights-format", default="safetensors", choices=["safetensors", "bin"])
+    fixture.add_argument("--shards", type=int, default=2, help="number of main weight files (1: no index)")
+    fixture.add_argument("--image-size", type=int, default=32)
+    fixture.add_argument("--tied-copies", action="store_true",
+                         help="also store the tied BART embed_tokens / lm_head copies (as a GPU-saved release)")
+    fixture.add_argument("--overwrite", action="store_true")
+    fixture.set_defaults(handler=_make_fixture)
+
+    push = commands.add_parser("push", help="upload a converted, verified folder to the Hugging Face Hub")
+    push.add_argument("folder", help="a folder written by `florence-vl convert`")
+    push.add_argument("repo_id", help="Hub repository id, e.g. user/florence-vl-3b-sft-hf")
+    _add_push_options(push, repo_flag=False)
+    push.set_defaults(handler=_push)
     return parser
 
 

@@ -1,0 +1,66 @@
+"""Publishing a converted, verified folder to the Hugging Face Hub (huggingface_hub's create_repo + upload_folder)."""
+
+import json
+from pathlib import Path
+
+from huggingface_hub import HfApi, constants
+
+from .errors import PushError
+
+REPORT_NAME = "conversion_report.json"
+
+
+def verified(folder: Path) -> bool:
+    """Whether `folder` holds a conversion report whose verification passed."""
+    try:
+        report = json.loads((Path(folder) / REPORT_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(report.get("verification", {}).get("passed"))
+
+
+def push_folder(
+    folder,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> str:
+    """Create `repo_id` (if needed) and upload every file of `folder` in one commit; returns the commit URL.
+
+    Refuses a folder whose conversion report does not show a passed verification. The token comes from `token`, else
+    from the usual huggingface_hub login / HF_TOKEN; the endpoint from `endpoint`, else HF_ENDPOINT.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PushError(f"{folder} is not a folder")
+    if not verified(folder):
+        raise PushError(
+            f"{folder} has no {REPORT_NAME} with a passed verification: only verified conversions are pushed"
+        )
+    if constants.HF_HUB_OFFLINE:
+        raise PushError("HF_HUB_OFFLINE is set: unset it to push to the Hub")
+    api = HfApi(endpoint=endpoint, token=token)
+    where = f"{api.endpoint}/{repo_id}"
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message or f"Upload Florence-VL converted by florence_vl_hf ({folder.name})",
+        )
+    except Exception as error:  # network, HTTP and auth errors all end here; the folder is untouched
+        raise PushError(
+            f"Pushing {folder} to {where} failed: {type(error).__name__}: {error}. The converted folder is intact: "
+            f"retry with `florence-vl push {folder} {repo_id}`"
+        ) from error
+    return commit.pr_url if create_pr and commit.pr_url else commit.commit_url

@@ -1,0 +1,220 @@
+"""Reading checkpoints safely: local folders or Hub repos, safetensors or .bin (weights only), sharded or not.
+
+No code from a source folder is ever imported or executed: configs are read as JSON, `.bin` files only with
+`torch.load(weights_only=True)`.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, Florence2Config
+
+from .errors import ConversionError
+
+SAFETENSORS_INDEX, BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
+SAFETENSORS_SINGLE, BIN_SINGLE = "model.safetensors", "pytorch_model.bin"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What a conversion needs from a Hub repo (optimizer states, training_args.bin and the like are not downloaded).
+SOURCE_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "pytorch_model*.bin",
+    "tokenizer.model",
+    "vision_tower/*",
+    "LICENSE*",
+]
+
+
+def resolve_source(source, revision: str | None = None, token: str | None = None) -> tuple[Path, str, str | None]:
+    """A local folder, or a Hub repo id downloaded with snapshot_download: returns (folder, source id, revision).
+
+    The revision of a Hub source is the commit hash that was downloaded; None for a local folder.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConversionError(f"Source {source} is a file; expected a checkpoint folder or a Hub repo id")
+        return path.resolve(), path.resolve().name, None  # a local path is not published, only its name
+    if not _REPO_ID.match(str(source)):
+        raise ConversionError(f"Source {source!r} is neither an existing folder nor a Hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(str(source), revision=revision, token=token, allow_patterns=SOURCE_PATTERNS))
+    except Exception as error:
+        raise ConversionError(f"Could not download {source!r} from the Hub: {type(error).__name__}: {error}") from error
+    return folder, str(source), folder.name
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConversionError(f"Missing {path}") from None
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"Cannot read {path}: {error}") from error
+
+
+class TensorStore:
+    """Lazy access to the tensors of one checkpoint folder: key -> tensor, from the file that holds it."""
+
+    def __init__(self, folder: Path, label: str):
+        self.folder, self.label = Path(folder), label
+        self.files: dict[str, list[str]] = {}  # file name -> keys
+        self._where: dict[str, str] = {}
+        self._open: dict[str, object] = {}
+        index = next((name for name in (SAFETENSORS_INDEX, BIN_INDEX) if (self.folder / name).is_file()), None)
+        if index is not None:
+            weight_map = read_json(self.folder / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ConversionError(f"{self.folder / index} has no weight_map")
+            listed: dict[str, set[str]] = {}
+            for key, name in weight_map.items():
+                listed.setdefault(name, set()).add(key)
+            for name, keys in sorted(listed.items()):
+                present = set(self._scan(name))
+                if keys - present:
+                    raise ConversionError(
+                        f"{self.folder / index} lists {sorted(keys - present)[:3]} in {name}, which lacks them"
+                    )
+                if present - keys:
+                    raise ConversionError(
+                        f"{self.folder / name} holds tensors the index does not list: {sorted(present - keys)[:3]}"
+                    )
+        else:
+            single = [name for name in (SAFETENSORS_SINGLE, BIN_SINGLE) if (self.folder / name).is_file()]
+            if not single:
+                raise ConversionError(
+                    f"No weights in {self.folder}: expected {SAFETENSORS_INDEX}, {BIN_INDEX}, {SAFETENSORS_SINGLE} or "
+                    f"{BIN_SINGLE}"
+                )
+            self._scan(single[0])
+
+    def _scan(self, name: str) -> list[str]:
+        path = self.folder / name
+        if not path.is_file():
+            raise ConversionError(f"Missing weight file {path}")
+        try:
+            if name.endswith(".safetensors"):
+                handle = safe_open(str(path), framework="pt")
+                keys = list(handle.keys())
+            else:
+                handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                if not isinstance(handle, dict) or not all(isinstance(v, torch.Tensor) for v in handle.values()):
+                    raise ConversionError(f"{path} is not a state dict of tensors")
+                keys = list(handle)
+        except ConversionError:
+            raise
+        except Exception as error:
+            raise ConversionError(f"Cannot read {path} (truncated or corrupted?): {type(error).__name__}: {error}") from error
+        for key in keys:
+            if key in self._where:
+                raise ConversionError(f"Tensor {key!r} is in both {self._where[key]} and {name} of {self.folder}")
+            self._where[key] = name
+        self._open[name] = handle
+        self.files[name] = keys
+        return keys
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def location(self, key: str) -> str:
+        return f"{self.label}:{self._where[key]}"
+
+    def get(self, key: str) -> torch.Tensor:
+        name = self._where[key]
+        handle = self._open[name]
+        try:
+            return handle.get_tensor(key) if name.endswith(".safetensors") else handle[key]
+        except Exception as error:
+            raise ConversionError(
+                f"Cannot read tensor {key!r} from {self.folder / name} (truncated or corrupted?): {error}"
+            ) from error
+
+
+# ---- configs ----------------------------------------------------------------------------------------------------
+
+_DAVIT_RENAMES = {"dim_embed": "embed_dim"}
+_DAVIT_KEYS = (
+    "depths", "num_heads", "num_groups", "patch_size", "patch_stride", "patch_padding", "patch_prenorm",
+    "window_size", "projection_dim", "drop_path_rate",
+)  # fmt: skip
+_BART_DROP = ("architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype", "auto_map")
+
+
+def florence2_config(config: dict) -> Florence2Config:
+    """transformers' Florence2Config from a Florence-2 config.json in Microsoft's remote-code layout (vision_config
+    with dim_embed, image_pos_embed, visual_temporal_embedding) or in transformers' native layout."""
+    vision = dict(config.get("vision_config") or {})
+    text = dict(config.get("text_config") or {})
+    if not vision or not text:
+        raise ConversionError("The Florence-2 config needs both vision_config and text_config")
+    if "dim_embed" not in vision:  # already native
+        return Florence2Config.from_dict(config)
+    if vision.get("model_type") not in ("davit", "", None):
+        raise ConversionError(f"Florence-2 vision_config.model_type {vision['model_type']!r}: only DaViT is supported")
+    position = vision.get("image_pos_embed") or {}
+    temporal = vision.get("visual_temporal_embedding") or {}
+    if position.get("type") != "learned_abs_2d" or temporal.get("type") != "COSINE":
+        raise ConversionError(
+            f"Unsupported Florence-2 embeddings: image_pos_embed {position}, visual_temporal_embedding {temporal}"
+        )
+    sources = vision.get("image_feature_source", ["spatial_avg_pool", "temporal_avg_pool"])
+    if list(sources) != ["spatial_avg_pool", "temporal_avg_pool"]:
+        raise ConversionError(f"Unsupported Florence-2 image_feature_source {sources}")
+    davit = {_DAVIT_RENAMES.get(k, k): v for k, v in vision.items() if k in _DAVIT_KEYS or k in _DAVIT_RENAMES}
+    davit.update(
+        max_position_embeddings=position["max_pos_embeddings"],
+        max_temporal_embeddings=temporal["max_temporal_embeddings"],
+    )
+    bart = {k: v for k, v in text.items() if k not in _BART_DROP}
+    bart["model_type"] = "bart"
+    return Florence2Config(vision_config=davit, text_config=bart)
+
+
+# The original's LLaVA model types and the LLM config each wraps.
+LLAVA_MODEL_TYPES = {"llava_phi": "phi3", "llava_llama": "llama"}
+# Keys the LLaVA fork adds to the LLM's config.json (training and multimodal settings).
+LLAVA_CONFIG_KEYS = (
+    "mm_vision_tower", "mm_projector_type", "mm_hidden_size", "mm_vision_select_layer", "mm_vision_select_feature",
+    "mm_patch_merge_type", "mm_use_im_start_end", "mm_use_im_patch_token", "mm_projector_lr", "image_aspect_ratio",
+    "image_grid_pinpoints", "tokenizer_padding_side", "tokenizer_model_max_length", "tune_mm_mlp_adapter",
+    "freeze_mm_mlp_adapter", "tune_entire_model", "tune_vision_model", "unfreeze_mm_vision_tower", "use_mm_proj",
+    "vision_tower_lr", "mm_vision_tower_lr",
+)  # fmt: skip
+_LLM_DROP = ("architectures", "_name_or_path", "transformers_version", "auto_map", "torch_dtype", "dtype")
+
+
+def text_config_from_llava(config: dict):
+    """The LLM's own config (Phi3Config / LlamaConfig) from the LLaVA model's config.json."""
+    model_type = config.get("model_type")
+    if model_type not in LLAVA_MODEL_TYPES:
+        raise ConversionError(
+            f"config.json has model_type {model_type!r}; expected one of {sorted(LLAVA_MODEL_TYPES)} (the original "
+            "Florence-VL checkpoints)"
+        )
+    keys = {k: v for k, v in config.items() if k not in LLAVA_CONFIG_KEYS and k not in _LLM_DROP and k != "model_type"}
+    return AutoConfig.for_model(LLAVA_MODEL_TYPES[model_type], **keys)
+
+
+def check_llava_settings(config: dict, projection_dim: int):
+    """Refuse LLaVA settings the Florence-VL architecture does not have (they would change what the model computes)."""
+    expected = {"mm_patch_merge_type": "flat", "mm_use_im_start_end": False, "mm_use_im_patch_token": False}
+    for key, value in expected.items():
+        if config.get(key, value) != value:
+            raise ConversionError(f"config.json has {key}={config[key]!r}; Florence-VL checkpoints use {value!r}")
+    if config.get("image_aspect_ratio", "pad") not in ("pad", "square"):
+        raise ConversionError(f"config.json has image_aspect_ratio={config['image_aspect_ratio']!r}; expected 'pad'")
+    if not re.match(r"^mlp\d+x_gelu$", str(config.get("mm_projector_type"))):
+        raise ConversionError(f"config.json has mm_projector_type={config.get('mm_projector_type')!r}; expected mlpNx_gelu")
+    if config.get("mm_hidden_size", projection_dim) != projection_dim:
+        raise ConversionError(
+            f"config.json has mm_hidden_size={config['mm_hidden_size']}, but the Florence-2 projection_dim is "
+            f"{projection_dim}"
+        )

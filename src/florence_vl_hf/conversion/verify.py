@@ -1,0 +1,193 @@
+"""Verifying a conversion: the converted folder, loaded with the Auto classes, against an independent forward computed
+straight from the source tensors.
+
+The reference uses none of Florence-VL's modeling code: transformers' native Florence2ForConditionalGeneration
+(loaded with the source's Florence-2 weights, renamed to native names) computes the DaViT tokens and, as the original
+does through generate(max_new_tokens=1), the encoder output over [image tokens; task prompt]; the projector is
+applied by hand from the source's `mm_projector` tensors; the source LLM runs in its own transformers class with
+its vocabulary resized to the tokenizer, as the original loader does.
+"""
+
+import gc
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, Florence2ForConditionalGeneration
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from ..processing import asset_dir
+from .errors import VerificationError
+from .keys import LLAVA_VISION_PREFIX, TRANSPOSED_NATIVE_KEYS, florence2_to_native
+from .source import text_config_from_llava
+
+VERIFY_QUESTION = "Describe the image in detail."
+GREEDY_TOKENS = 8
+# Largest allowed max|converted - reference| / max(1, max|reference|): float32 compute with bit-exact weights only
+# differs by kernel order; a lossy dtype cast or half-precision compute is bounded by that dtype's resolution.
+TOLERANCES = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+_PRECISION_ORDER = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def tolerance_for(compute_dtype: torch.dtype, stored_dtype: torch.dtype, lossless: bool) -> float:
+    dtypes = [compute_dtype] + ([] if lossless else [stored_dtype])
+    return max(TOLERANCES[d] for d in dtypes)
+
+
+def _source_groups(source):
+    """Source tensors split into native Florence-2 (renamed), projector and LLM state dicts."""
+    florence2, projector, llm = {}, {}, {}
+    for key in source.main.keys():
+        if key.startswith(LLAVA_VISION_PREFIX):
+            florence2[florence2_to_native(key[len(LLAVA_VISION_PREFIX):])] = (source.main, key)
+        elif key.startswith("model.mm_projector."):
+            projector[key] = source.main.get(key)
+        else:
+            llm[key] = source.main.get(key)
+    if source.vision is not None:
+        for key in source.vision.keys():
+            florence2.setdefault(florence2_to_native(key), (source.vision, key))
+    native = {}
+    for name, (store, key) in florence2.items():
+        if name == "final_logits_bias":
+            continue
+        tensor = store.get(key)
+        native[name] = tensor.t() if name in TRANSPOSED_NATIVE_KEYS else tensor
+    return native, projector, llm
+
+
+def _reference_florence2(source, native_state, dtype, device):
+    """Native Florence-2 with one extra vocabulary row, used as its image-placeholder token."""
+    config = source.florence2.__class__.from_dict(source.florence2.to_dict())
+    vocab = config.text_config.vocab_size
+    config.text_config.vocab_size = vocab + 1
+    config.image_token_id = vocab
+    shared = native_state["model.language_model.shared.weight"]
+    native_state = dict(native_state)
+    native_state["model.language_model.shared.weight"] = torch.cat([shared, shared.new_zeros(1, shared.shape[1])])
+    for tied in ("model.language_model.encoder.embed_tokens.weight", "model.language_model.decoder.embed_tokens.weight",
+                 "lm_head.weight"):  # fmt: skip
+        native_state.pop(tied, None)
+    model = Florence2ForConditionalGeneration.from_pretrained(None, config=config, state_dict=native_state, dtype=dtype)
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def reference_outputs(source, inputs, image_token_id, original_vocab, dtype, device, max_new_tokens, generation_kwargs):
+    native_state, projector, llm_state = _source_groups(source)
+    florence2 = _reference_florence2(source, native_state, dtype, device)
+    pixel_values = inputs["pixel_values"].to(device, dtype)
+    depth = florence2.get_image_features(pixel_values).pooler_output
+    num_images, num_tokens, _ = depth.shape
+    prompt_ids = inputs["task_prompt_ids"].to(device)
+    features = [depth]
+    for prompt in range(prompt_ids.shape[1]):
+        image_ids = torch.full((num_images, num_tokens), florence2.config.image_token_id, device=device)
+        encoder_input = torch.cat([image_ids, prompt_ids[:, prompt]], dim=1)
+        start = torch.full((num_images, 1), florence2.config.text_config.decoder_start_token_id, device=device)
+        out = florence2(input_ids=encoder_input, pixel_values=pixel_values, decoder_input_ids=start)
+        features.append(out.encoder_last_hidden_state[:, :num_tokens])
+    del florence2
+    gc.collect()
+
+    hidden = torch.cat(features, dim=-1)
+    depth_index = 0
+    while f"model.mm_projector.encoder_mlp.{depth_index}.weight" in projector or (
+        f"model.mm_projector.encoder_mlp.{depth_index}.1.weight" in projector
+    ):
+        prefix = "model.mm_projector.encoder_mlp." + (f"{depth_index}." if depth_index == 0 else f"{depth_index}.1.")
+        if depth_index:
+            hidden = F.gelu(hidden)
+        hidden = F.linear(hidden, projector[prefix + "weight"].to(device, dtype), projector[prefix + "bias"].to(device, dtype))
+        depth_index += 1
+    image_features = hidden
+
+    config = text_config_from_llava(source.config)
+    llm_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the LLM's own class, e.g. Phi3ForCausalLM
+    llm = llm_class.from_pretrained(None, config=config, state_dict=llm_state, dtype=dtype).to(device).eval()
+    llm.resize_token_embeddings(original_vocab)  # what the original loader does
+    input_ids = inputs["input_ids"].to(device)
+    is_image = input_ids == image_token_id
+    embeds = llm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+    embeds[is_image] = image_features.reshape(-1, image_features.shape[-1]).to(embeds.dtype)
+    attention_mask = inputs["attention_mask"].to(device)
+    logits = llm(inputs_embeds=embeds, attention_mask=attention_mask).logits
+    tokens = llm.generate(
+        inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
+        **generation_kwargs,
+    )  # fmt: skip
+    name = type(llm).__name__
+    del llm
+    gc.collect()
+    return image_features, logits, tokens[0].tolist(), name
+
+
+@torch.no_grad()
+def converted_outputs(folder, compute_dtype, device, max_new_tokens, image, question):
+    processor = AutoProcessor.from_pretrained(str(folder))
+    model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=compute_dtype).to(device).eval()
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    moved = {k: v.to(device) for k, v in inputs.items()}
+    moved["pixel_values"] = moved["pixel_values"].to(compute_dtype)
+    features = model.get_image_features(moved["pixel_values"], task_prompt_ids=moved["task_prompt_ids"]).pooler_output
+    logits = model(**moved).logits
+    generated = model.generate(**moved, max_new_tokens=max_new_tokens, do_sample=False)
+    generation = model.generation_config
+    kwargs = {"eos_token_id": generation.eos_token_id, "pad_token_id": generation.pad_token_id}
+    tokens = generated[0, inputs["input_ids"].shape[1]:].tolist()
+    del model
+    gc.collect()
+    return inputs, features, logits, tokens, kwargs, processor.image_token_id
+
+
+def verify_conversion(
+    source, folder, original_vocab, *, compute_dtype=torch.float32, stored_dtype=torch.bfloat16, device=None,
+    lossless=True, image=None,
+    question=VERIFY_QUESTION, max_new_tokens=GREEDY_TOKENS, log=print,
+) -> dict:  # fmt: skip
+    """Compare `folder` (a converted model) with the reference forward from `source`; raises VerificationError."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    image = image or Image.open(asset_dir("phi-3.5-mini-instruct").parent / "shapes.png").convert("RGB")
+    inputs, features, logits, tokens, generation_kwargs, image_token_id = converted_outputs(
+        folder, compute_dtype, device, max_new_tokens, image, question
+    )
+    ref_features, ref_logits, ref_tokens, llm_class = reference_outputs(
+        source, inputs, image_token_id, original_vocab, compute_dtype, device, max_new_tokens, generation_kwargs
+    )
+    logits = logits[..., :original_vocab]
+    feature_diff = (features.float() - ref_features.float()).abs().max().item()
+    logit_diff = (logits.float() - ref_logits.float()).abs().max().item()
+    scale = max(1.0, ref_logits.float().abs().max().item(), ref_features.float().abs().max().item())
+    tolerance = tolerance_for(compute_dtype, stored_dtype, lossless)
+    agree = tokens == ref_tokens
+    passed = max(feature_diff, logit_diff) / scale <= tolerance and (agree or not lossless or compute_dtype != torch.float32)
+    result = {
+        "passed": passed,
+        "compute_dtype": str(compute_dtype).replace("torch.", ""),
+        "device": str(device),
+        "question": question,
+        "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        "max_abs_diff": {"image_features": feature_diff, "logits": logit_diff},
+        "scale": scale,
+        "tolerance": tolerance,
+        "lossless_weights": lossless,
+        "greedy_tokens_agree": agree,
+        "greedy_tokens": tokens,
+        "reference_greedy_tokens": ref_tokens,
+        "reference": f"transformers Florence2ForConditionalGeneration, projector by hand, {llm_class}",
+    }
+    log(
+        f"verification: max abs diff image features {feature_diff:.3g}, logits {logit_diff:.3g} (scale {scale:.3g}, "
+        f"tolerance {tolerance:.3g} relative); greedy tokens {'agree' if agree else 'differ'}: "
+        f"{'PASSED' if passed else 'FAILED'}"
+    )
+    if not passed:
+        raise VerificationError(
+            f"The converted model does not match the source: max abs difference {feature_diff:.3g} on the image "
+            f"features and {logit_diff:.3g} on the logits (scale {scale:.3g}, tolerance {tolerance:.3g} relative), "
+            f"greedy tokens {tokens} vs reference {ref_tokens}"
+        )
+    return result
