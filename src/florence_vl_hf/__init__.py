@@ -12,6 +12,17 @@ from .processing import FlorenceVLProcessor, build_processor
 
 __version__ = "0.1.0"
 
+
+def from_pretrained_parts(florence2, language_model, **kwargs):
+    """A new Florence-VL (model, processor) from a Florence-2 checkpoint and a causal LM, with a fresh projector.
+
+    See `florence_vl_hf.conversion.parts.from_pretrained_parts`.
+    """
+    from .conversion.parts import from_pretrained_parts as build
+
+    return build(florence2, language_model, **kwargs)
+
+
 AutoConfig.register(FlorenceVLConfig.model_type, FlorenceVLConfig, exist_ok=True)
 AutoModel.register(FlorenceVLConfig, FlorenceVLModel, exist_ok=True)
 AutoModelForImageTextToText.register(FlorenceVLConfig, FlorenceVLForConditionalGeneration, exist_ok=True)
@@ -28,4 +39,5 @@ __all__ = [
     "FlorenceVLPreTrainedModel",
     "FlorenceVLProcessor",
     "build_processor",
+    "from_pretrained_parts",
 ]

@@ -42,6 +42,8 @@ def push_folder(
         raise PushError(
             f"{folder} has no {REPORT_NAME} with a passed verification: only verified conversions are pushed"
         )
+    if revision and create_pr:
+        raise PushError("--revision and --create-pr cannot be combined: a pull request always targets main")
     if constants.HF_HUB_OFFLINE:
         raise PushError("HF_HUB_OFFLINE is set: unset it to push to the Hub")
     api = HfApi(endpoint=endpoint, token=token)
