@@ -6,18 +6,20 @@ from florence_vl_hf.cli import main
 
 
 @pytest.mark.slow
-def test_demo_builds_saves_reloads_remotely_and_answers(tmp_path, capsys):
+def test_demo_converts_a_fixture_reloads_remotely_and_answers(tmp_path, capsys):
     output = tmp_path / "demo"
     assert main(["demo", "--output-dir", str(output), "--max-new-tokens", "4"]) == 0
     printed = capsys.readouterr().out
-    config = json.loads((output / "config.json").read_text())
+    original = json.loads((output / "original" / "config.json").read_text())
+    assert original["model_type"] == "llava_phi"  # the source is in the original layout
+    config = json.loads((output / "converted" / "config.json").read_text())
     assert config["model_type"] == "florence_vl"
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForImageTextToText"}
-    assert (output / "model.safetensors").is_file() and (output / "processing_florence_vl.py").is_file()
-    assert f"saved a Hub-ready folder to {output}" in printed
+    report = json.loads((output / "converted" / "conversion_report.json").read_text())
+    assert report["verification"]["passed"]
     assert "trust_remote_code=True in a process where florence_vl_hf cannot be imported" in printed
     assert "transformers_modules." in printed  # the class really came from the saved folder
-    assert "-> '" in printed
+    assert "-> '" in printed and "PASSED" in printed
 
 
 def test_demo_refuses_a_non_empty_output_dir(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,30 +25,35 @@ print(json.dumps({{"model_class": type(pipe.model).__module__ + "." + type(pipe.
 
 def _demo(args) -> int:
     from . import __version__
-    from .build import build_random_model, save_hub_folder
+    from .conversion import ConversionError, convert_checkpoint, make_fixture
     from .isolation import run_without_package
     from .processing import asset_dir
-    from .tiny import tiny_config
 
     output_dir = Path(args.output_dir).resolve()
     if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
         print(f"error: {output_dir} is not empty (use --overwrite)", file=sys.stderr)
         return 2
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
     image = asset_dir("phi-3.5-mini-instruct").parent / "shapes.png"
     started = time.perf_counter()
-    config = tiny_config("phi3", image_size=args.image_size)
-    model, processor = build_random_model(config, seed=args.seed)
-    save_hub_folder(model, processor, output_dir)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"florence_vl_hf {__version__}: built a random Florence-VL ({params / 1e6:.1f}M parameters, "
-          f"{config.num_image_tokens} image tokens per {config.image_size}px image, real Phi-3.5 tokenizer, seed "
-          f"{args.seed})")
-    print(f"saved a Hub-ready folder to {output_dir}:")
-    for path in sorted(output_dir.iterdir()):
+    original, converted = output_dir / "original", output_dir / "converted"
+    make_fixture(original, args.llm, seed=args.seed, image_size=args.image_size)
+    size = sum(p.stat().st_size for p in original.rglob("*") if p.is_file())
+    print(f"florence_vl_hf {__version__}: wrote a tiny random {args.llm} Florence-VL checkpoint in the original "
+          f"LLaVA-fork layout ({size / 1e6:.1f} MB, real tokenizer files) to {original}")
+    try:
+        report = convert_checkpoint(original, converted, repo_id=f"florence-vl-demo-{args.llm}",
+                                    log=lambda line: print(f"  {line}"))  # fmt: skip
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"converted and verified into the Hub-ready folder {converted}:")
+    for path in sorted(converted.iterdir()):
         print(f"  {path.name:32s} {path.stat().st_size:>12,d} bytes")
 
     code = _REMOTE_PIPELINE.format(
-        folder=str(output_dir), image=str(image), question=args.question, max_new_tokens=args.max_new_tokens
+        folder=str(converted), image=str(image), question=args.question, max_new_tokens=args.max_new_tokens
     )
     result = run_without_package(code)
     reply = json.loads(result.stdout.strip().splitlines()[-1])
@@ -55,6 +61,8 @@ def _demo(args) -> int:
           f"(model class {reply['model_class']})")
     print(f"pipeline('image-text-to-text') on {image.name}: {args.question!r}")
     print(f"  -> {reply['answer']!r}  (random weights: the words are noise, the plumbing is real)")
+    print(f"verification: {report['verification']['max_abs_diff']}, greedy tokens identical: "
+          f"{report['verification']['greedy_tokens_agree']}")
     print(f"done in {time.perf_counter() - started:.1f}s")
     return 0
 
@@ -162,10 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
-        help="build a small random Florence-VL, save it Hub-ready, reload it with trust_remote_code, run the pipeline",
+        help="make a tiny original-layout checkpoint, convert and verify it, reload it with trust_remote_code and "
+        "run the pipeline",
     )
     demo.add_argument("--output-dir", required=True, help="where to write the Hub-ready folder")
     demo.add_argument("--overwrite", action="store_true", help="allow a non-empty output directory")
+    demo.add_argument("--llm", default="phi3", choices=["phi3", "llama"])
     demo.add_argument("--image-size", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--question", default=DEMO_QUESTION)
