@@ -101,6 +101,9 @@ def _push(args) -> int:
 def _convert(args) -> int:
     from .conversion import ConversionError, PushError, convert_checkpoint, push_folder
 
+    if args.push_to_hub and args.no_verify:
+        print("error: --push-to-hub needs the verification: only verified conversions are pushed", file=sys.stderr)
+        return 2
     try:
         report = convert_checkpoint(
             args.source,
@@ -114,6 +117,7 @@ def _convert(args) -> int:
             verify_dtype=args.verify_dtype,
             verify_device=args.verify_device,
             repo_id=args.push_to_hub or args.repo_id,
+            florence2_config_dir=args.florence2_config,
         )
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -152,7 +156,7 @@ def _make_fixture(args) -> int:
             weights_format=args.weights_format,
             shards=args.shards,
             image_size=args.image_size,
-            tied_copies=args.tied_copies,
+            tied_copies=not args.without_tied_copies,
             overwrite=args.overwrite,
         )
     except ConversionError as error:
@@ -199,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--verify-device", help="device of the verification (default: cuda if available, else cpu)")
     convert.add_argument("--repo-id", help="repo id the model card's usage code names (default: --push-to-hub, else "
                          "the output folder's name)")
+    convert.add_argument("--florence2-config", metavar="DIR", help="Florence-2 config.json + preprocessor_config.json "
+                         "to use when the source has no vision_tower/ (default: the bundled Florence-2-large files)")
     _add_push_options(convert, repo_flag=True)
     convert.set_defaults(handler=_convert)
 
@@ -212,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     fixture.add_argument("--weights-format", default="safetensors", choices=["safetensors", "bin"])
     fixture.add_argument("--shards", type=int, default=2, help="number of main weight files (1: no index)")
     fixture.add_argument("--image-size", type=int, default=32)
-    fixture.add_argument("--tied-copies", action="store_true",
-                         help="also store the tied BART embed_tokens / lm_head copies (as a GPU-saved release)")
+    fixture.add_argument("--without-tied-copies", action="store_true",
+                         help="leave out the tied BART embed_tokens / lm_head copies (a save that kept them shared)")
     fixture.add_argument("--overwrite", action="store_true")
     fixture.set_defaults(handler=_make_fixture)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from safetensors import safe_open
-from transformers import AutoModelForImageTextToText, AutoProcessor, Florence2Config
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from florence_vl_hf.conversion import ConversionError, convert_checkpoint, make_fixture
 from florence_vl_hf.conversion.card import validate_model_card
@@ -118,9 +118,13 @@ def test_report_lists_the_dropped_decoder_with_its_parameter_count(fixtures, con
     per_layer = 2 * (4 * (d * d + d)) + 3 * 2 * d + (d * ffn + ffn) + (ffn * d + d)  # 2 attentions, 3 norms, FFN
     positions = (bart["max_position_embeddings"] + 2) * d
     decoder = layers * per_layer + positions + 2 * d  # + layernorm_embedding
+    tied_embedding = bart["vocab_size"] * d  # decoder.embed_tokens and lm_head, copies of the shared embedding
     dropped = report["tensors"]["dropped"]
-    assert dropped["Florence-2 decoder (Florence-VL uses the encoder only)"]["parameters"] == decoder
+    assert dropped["Florence-2 decoder (Florence-VL uses the encoder only)"]["parameters"] == decoder + tied_embedding
+    assert dropped["Florence-2 LM head (tied to the shared embedding; decoder side)"]["parameters"] == tied_embedding
     assert dropped["Florence-2 LM head bias buffer (decoder side)"]["parameters"] == bart["vocab_size"]
+    # vision_tower/ holds named_parameters() only: the decoder without its tied embedding
+    assert dropped["Florence-2 decoder (Florence-VL uses the encoder only), copy in vision_tower/"]["parameters"] == decoder
     assert report["tensors"]["checked_duplicates"] > 0  # vision_tower/ copies compared with the main weights
     assert report["tensors"]["source"] == len(source_tensors(fixtures["phi3"])) + sum(
         1 for _ in torch.load(fixtures["phi3"] / "vision_tower" / "pytorch_model.bin", weights_only=True))
@@ -154,18 +158,35 @@ def test_lossy_dtype_cast_is_verified_with_a_dtype_aware_tolerance(tmp_path):
     verification = report["verification"]
     assert report["tensors"]["changed_by_dtype_cast"] > 0 and not verification["lossless_weights"]
     assert verification["passed"] and verification["tolerance"] == pytest.approx(6e-2)
-    assert 0 < verification["max_abs_diff"]["logits"] <= verification["tolerance"] * verification["scale"]
+    assert 0 < verification["max_abs_diff"]["logits"] <= verification["tolerance"] * verification["scale"]["logits"]
     # Stored as float32 the same source converts without loss.
     exact = convert_checkpoint(source, tmp_path / "out32", dtype="float32", log=quiet)["verification"]
     assert exact["lossless_weights"] and exact["max_abs_diff"]["logits"] == 0.0
 
 
-def test_gpu_saved_release_with_tied_copies_and_no_vision_tower_weights(tmp_path):
-    source = make_fixture(tmp_path / "src", "phi3", seed=4, tied_copies=True, shards=1)
+def test_deduplicated_tied_copies_and_no_vision_tower_weights(tmp_path):
+    source = make_fixture(tmp_path / "src", "phi3", seed=4, tied_copies=False, shards=1)
     (source / "vision_tower" / "pytorch_model.bin").unlink()
     report = convert_checkpoint(source, tmp_path / "out", log=quiet)
-    assert report["verification"]["passed"] and report["tensors"]["checked_duplicates"] == 1  # encoder.embed_tokens
-    assert "Florence-2 LM head (tied to the shared embedding; decoder side)" in report["tensors"]["dropped"]
+    assert report["verification"]["passed"] and report["tensors"]["checked_duplicates"] == 0
+    assert "Florence-2 LM head (tied to the shared embedding; decoder side)" not in report["tensors"]["dropped"]
+
+
+def test_without_vision_tower_folder_the_florence2_config_comes_from_elsewhere(tmp_path):
+    """train.py writes vision_tower/ only when the vision tower was trained: the main weights still hold Florence-2."""
+    source = make_fixture(tmp_path / "src", "phi3", seed=4, shards=1)
+    shutil.move(source / "vision_tower", tmp_path / "florence2")
+    with pytest.raises(ConversionError, match="projection_dim is 1024"):  # the bundled Florence-2-large config
+        convert_checkpoint(source, tmp_path / "out", log=quiet)
+    report = convert_checkpoint(source, tmp_path / "out", florence2_config_dir=tmp_path / "florence2", log=quiet)
+    assert report["verification"]["passed"] and report["source"]["florence2_config"] == str(tmp_path / "florence2")
+
+
+def test_output_that_is_or_contains_the_source_is_refused(fixtures):
+    for output in (fixtures["phi3"], fixtures["phi3"].parent):
+        with pytest.raises(ConversionError, match="is the source folder or contains it"):
+            convert_checkpoint(fixtures["phi3"], output, overwrite=True, log=quiet)
+    assert (fixtures["phi3"] / "config.json").is_file()
 
 
 def test_hub_repo_id_source_is_read_through_snapshot_download(fixtures, tmp_path, monkeypatch):

@@ -144,3 +144,18 @@ def test_a_failed_overwrite_keeps_the_previous_output(source, pristine, tmp_path
         convert_checkpoint(source, output, overwrite=True, log=quiet)
     assert {p.name: p.read_bytes() for p in output.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_missing_im_patch_setting_takes_the_original_loaders_default(source, tmp_path):
+    """builder.py: getattr(config, "mm_use_im_patch_token", True) adds an <im_patch> token, a different vocabulary."""
+    config = json.loads((source / "config.json").read_text())
+    del config["mm_use_im_patch_token"]
+    (source / "config.json").write_text(json.dumps(config))
+    assert_fails_cleanly(source, tmp_path, r"mm_use_im_patch_token=True \(its default\)")
+
+
+def test_legacy_non_zip_bin_files_are_read_without_mmap(source, tmp_path):
+    path = source / "vision_tower" / "pytorch_model.bin"
+    torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
+    report = convert_checkpoint(source, tmp_path / "out", log=quiet)
+    assert report["verification"]["passed"] and report["tensors"]["checked_duplicates"] > 0

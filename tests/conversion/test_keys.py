@@ -152,3 +152,25 @@ def test_a_whole_original_checkpoint_maps_onto_the_florence_vl_model_exactly_onc
     dropped = [k for k, m in mapped.items() if m.target is None]
     assert all(".decoder." in k or "lm_head" in k or "final_logits_bias" in k for k in dropped)
     assert all(llava_to_florence_vl(t).target == t for t in targets)  # mapping twice changes nothing
+
+
+def test_hub_file_selection_takes_only_what_a_conversion_reads():
+    from florence_vl_hf.conversion.source import select_source_files
+
+    repo = [
+        ".gitattributes", "README.md", "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json", "tokenizer.model", "tokenizer_config.json",
+        "special_tokens_map.json", "added_tokens.json", "training_args.bin", "trainer_state.json",
+        "checkpoint-3000/model-00001-of-00002.safetensors", "checkpoint-3000/config.json", "llava_phi3.py",
+        "vision_tower/config.json", "vision_tower/preprocessor_config.json", "vision_tower/pytorch_model.bin",
+        "vision_tower/modeling_florence2.py", "vision_tower/configuration_florence2.py",
+    ]  # fmt: skip
+    assert select_source_files(repo) == sorted([
+        "config.json", "generation_config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+        "added_tokens.json", "vision_tower/config.json", "vision_tower/preprocessor_config.json",
+        "vision_tower/pytorch_model.bin",
+    ])  # fmt: skip
+    only_bin = [n for n in repo if not n.endswith(".safetensors") and "safetensors" not in n]
+    assert "pytorch_model.bin.index.json" in select_source_files(only_bin)

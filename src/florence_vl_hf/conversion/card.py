@@ -82,6 +82,7 @@ def render_model_card(report: dict, repo_id: str, template: str = "phi3", base_m
         example_image=EXAMPLE_IMAGE,
         example_question=EXAMPLE_QUESTION,
         dtype=report["output"]["dtype"],
+        image_tokens=report["image_tokens_per_image"],
         vocabulary_note=(
             f"The original resized the LLM's vocabulary to its tokenizer's {vocabulary['original_vocab_size']} tokens; "
             f"this repository keeps {vocabulary['embedding_rows']} embedding rows (one is the `<image>` placeholder) "

@@ -52,6 +52,7 @@ class Source:
     preprocessor: dict
     main: TensorStore
     vision: TensorStore | None
+    vision_config_from: str = "vision_tower/"
     template: str = field(init=False)
 
     def __post_init__(self):
@@ -63,7 +64,10 @@ def _has_weights(folder: Path) -> bool:
         "model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin"))  # fmt: skip
 
 
-def open_source(source, revision: str | None = None, token: str | None = None) -> Source:
+def open_source(source, revision: str | None = None, token: str | None = None, florence2_config_dir=None) -> Source:
+    """Open an original checkpoint. Without vision_tower/config.json (train.py writes vision_tower/ only when the
+    vision tower was trained), the Florence-2 config and preprocessor come from `florence2_config_dir`, by default the
+    bundled Florence-2-large files; the tensors' shapes are checked against it."""
     folder, source_id, revision = resolve_source(source, revision, token)
     config = read_json(folder / "config.json")
     if config.get("model_type") not in LLAVA_MODEL_TYPES:
@@ -72,18 +76,23 @@ def open_source(source, revision: str | None = None, token: str | None = None) -
             f"{sorted(LLAVA_MODEL_TYPES)} (an original Florence-VL checkpoint)"
         )
     vision_dir = folder / "vision_tower"
+    config_dir, config_from = vision_dir, "vision_tower/"
     if not (vision_dir / "config.json").is_file():
-        raise ConversionError(f"Missing {vision_dir / 'config.json'}: the Florence-2 config of the vision tower")
-    florence2 = florence2_config(read_json(vision_dir / "config.json"))
-    preprocessor_path = vision_dir / "preprocessor_config.json"
+        config_dir = Path(florence2_config_dir) if florence2_config_dir else asset_dir("florence-2-large")
+        config_from = str(florence2_config_dir) if florence2_config_dir else "bundled Florence-2-large config"
+    florence2 = florence2_config(read_json(config_dir / "config.json"))
+    preprocessor_path = config_dir / "preprocessor_config.json"
     preprocessor = read_json(preprocessor_path) if preprocessor_path.is_file() else {}
     vision = TensorStore(vision_dir, "vision_tower") if _has_weights(vision_dir) else None
-    return Source(folder, source_id, revision, config, florence2, preprocessor, TensorStore(folder, "main"), vision)
+    return Source(folder, source_id, revision, config, florence2, preprocessor, TensorStore(folder, "main"), vision,
+                  config_from)  # fmt: skip
 
 
 def image_size_from(preprocessor: dict) -> int:
     """Florence-2's square input size; refuses preprocessing the converted processor would not reproduce."""
     size = preprocessor.get("size", {"height": 768, "width": 768})
+    if isinstance(size, dict) and not {"height", "width"} <= set(size):
+        raise ConversionError(f"Florence-2 preprocessor size {size}: expected a fixed height and width")
     height, width = (size["height"], size["width"]) if isinstance(size, dict) else (size, size)
     checks = {
         "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD), "resample": 3, "do_normalize": True,
@@ -162,7 +171,7 @@ class TensorPlan:
             reason = mapped.dropped if store.label == "main" else f"{mapped.dropped}, copy in {store.label}/"
             entry = self.dropped.setdefault(reason, {"tensors": 0, "parameters": 0, "keys": []})
             entry["tensors"] += 1
-            entry["parameters"] += int(store.get(key).numel())
+            entry["parameters"] += math.prod(store.shape(key))
             entry["keys"].append(f"{store.location(key)}:{key}")
         elif mapped.target in self.sources:
             self.duplicates.append((mapped.target, store, key, mapped.transpose))
@@ -204,6 +213,22 @@ def _load(store: TensorStore, key: str, transpose: bool) -> torch.Tensor:
     return tensor.t() if transpose else tensor
 
 
+def _check_same(kept: torch.Tensor, kept_store, kept_key, other: torch.Tensor, store, key, target):
+    """Two source tensors for one target (a vision_tower/ copy, a tied alias) must be equal in the kept one's dtype."""
+    if other.shape == kept.shape and torch.equal(other.to(kept.dtype), kept):
+        return
+    difference = (
+        f"max abs difference {(other.float() - kept.float()).abs().max().item():.3g}"
+        if other.shape == kept.shape
+        else f"shapes {tuple(other.shape)} vs {tuple(kept.shape)}"
+    )
+    raise ConversionError(
+        f"{store.location(key)}:{key} and {kept_store.location(kept_key)}:{kept_key} both give {target} but differ "
+        f"({difference}). The original loader uses the main weights' copy; a differing copy means the checkpoint is "
+        "inconsistent"
+    )
+
+
 def assemble(source: Source, plan: TensorPlan, config: FlorenceVLConfig, dtype: torch.dtype):
     """The Florence-VL state dict in `dtype`, checked against the model's own keys and shapes, and a summary."""
     with torch.device("meta"):
@@ -222,9 +247,14 @@ def assemble(source: Source, plan: TensorPlan, config: FlorenceVLConfig, dtype: 
     if extra:
         raise ConversionError(f"{len(extra)} source tensors have no place in the Florence-VL model, e.g. {extra[:5]}")
 
+    duplicates: dict[str, list[tuple[TensorStore, str, bool]]] = {}
+    for target, store, key, transpose in plan.duplicates:
+        duplicates.setdefault(target, []).append((store, key, transpose))
     state, changed_by_cast = {}, 0
     for target, (store, key, transpose) in plan.sources.items():
         tensor = _load(store, key, transpose)
+        for other_store, other_key, other_transpose in duplicates.get(target, []):
+            _check_same(tensor, store, key, _load(other_store, other_key, other_transpose), other_store, other_key, target)
         want = expected[target]
         if tensor.shape != want:
             if target in ("model.language_model.embed_tokens.weight", "lm_head.weight") and (
@@ -243,21 +273,6 @@ def assemble(source: Source, plan: TensorPlan, config: FlorenceVLConfig, dtype: 
                 changed_by_cast += 1
             tensor = converted
         state[target] = tensor.contiguous()
-    for target, store, key, transpose in plan.duplicates:
-        kept_store, kept_key, _ = plan.sources[target]
-        reference = state[target][: _load(store, key, transpose).shape[0]] if target in resized else state[target]
-        other = _load(store, key, transpose)
-        if other.shape != reference.shape or not torch.equal(other.to(reference.dtype), reference):
-            difference = (
-                f"max abs difference {(other.float() - reference.float()).abs().max().item():.3g}"
-                if other.shape == reference.shape
-                else f"shapes {tuple(other.shape)} vs {tuple(reference.shape)}"
-            )
-            raise ConversionError(
-                f"{store.location(key)}:{key} and {kept_store.location(kept_key)}:{kept_key} both give {target} but "
-                f"differ ({difference}). The original loader uses the main weights' copy; a differing copy means the "
-                "checkpoint is inconsistent"
-            )
     if TEMPORAL_EMBEDDING_KEY in derived:
         rows, width = expected[TEMPORAL_EMBEDDING_KEY]
         state[TEMPORAL_EMBEDDING_KEY] = _temporal_embedding(rows, width).to(dtype)
@@ -326,6 +341,7 @@ def convert_checkpoint(
     verify_dtype: str = "float32",
     verify_device: str | None = None,
     repo_id: str | None = None,
+    florence2_config_dir=None,
     log=print,
 ) -> dict:
     """Convert an original Florence-VL checkpoint (folder or Hub repo id) into `output_dir`; returns the report.
@@ -341,7 +357,10 @@ def convert_checkpoint(
     output_dir = Path(output_dir)
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise ConversionError(f"{output_dir} is not empty (use --overwrite to replace it)")
-    source_ckpt = open_source(source, revision, token)
+    source_ckpt = open_source(source, revision, token, florence2_config_dir)
+    target = output_dir.resolve()
+    if target == source_ckpt.folder or target in source_ckpt.folder.parents:
+        raise ConversionError(f"OUTPUT_DIR {output_dir} is the source folder or contains it; choose another folder")
     template = source_ckpt.template
     log(f"source {source_ckpt.source_id} ({source_ckpt.config['model_type']}, {template} template) in {source_ckpt.folder}")
 
@@ -351,7 +370,7 @@ def convert_checkpoint(
     if embed_key not in plan.sources:
         raise ConversionError("The source has no LLM input embedding (model.embed_tokens.weight)")
     store, key, _ = plan.sources[embed_key]
-    source_rows = store.get(key).shape[0]
+    source_rows = store.shape(key)[0]
     needed = len(tokenizer) + (0 if IMAGE_TOKEN in tokenizer.get_vocab() else 1)
     rows = source_rows if needed <= source_rows else -(-needed // EMBEDDING_ROW_MULTIPLE) * EMBEDDING_ROW_MULTIPLE
     config = build_config(source_ckpt, rows)
@@ -374,6 +393,7 @@ def convert_checkpoint(
             "revision": source_ckpt.revision,
             "model_type": source_ckpt.config["model_type"],
             "template": template,
+            "florence2_config": source_ckpt.vision_config_from,
             "weight_files": {store.label: sorted(store.files) for store in (source_ckpt.main, source_ckpt.vision) if store},
         },
         "output": {"dtype": dtype, "max_shard_size": str(max_shard_size)},

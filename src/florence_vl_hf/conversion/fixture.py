@@ -153,13 +153,14 @@ def make_fixture(
     shards: int = 2,
     image_size: int = 32,
     vision_tower_weights: bool = True,
-    tied_copies: bool = False,
+    tied_copies: bool = True,
     overwrite: bool = False,
 ) -> Path:
     """Write a tiny random original-layout Florence-VL checkpoint to `output_dir` (see the module docstring).
 
-    `tied_copies` also stores the BART embed_tokens / lm_head copies of the shared embedding (as a GPU-saved release
-    does); `vision_tower_weights=False` leaves out vision_tower/pytorch_model.bin.
+    `tied_copies`: the main weights also hold the BART embed_tokens / lm_head copies of the shared embedding, as
+    train.py's save of a GPU model does (each key is copied to the CPU on its own); `False` gives the deduplicated
+    layout of a save that kept them shared. `vision_tower_weights=False` leaves out vision_tower/pytorch_model.bin.
     """
     if llm not in LLAVA_TYPES:
         raise ValueError(f"llm must be one of {sorted(LLAVA_TYPES)}, got {llm!r}")

@@ -17,15 +17,27 @@ from .errors import ConversionError
 SAFETENSORS_INDEX, BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
 SAFETENSORS_SINGLE, BIN_SINGLE = "model.safetensors", "pytorch_model.bin"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# What a conversion needs from a Hub repo (optimizer states, training_args.bin and the like are not downloaded).
-SOURCE_PATTERNS = [
-    "*.json",
-    "*.safetensors",
-    "pytorch_model*.bin",
-    "tokenizer.model",
-    "vision_tower/*",
-    "LICENSE*",
-]
+_WEIGHT_FILE = (
+    r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|pytorch_model(-\d+-of-\d+)?\.bin|"
+    r"pytorch_model\.bin\.index\.json"
+)
+_TOP_LEVEL_FILE = re.compile(
+    r"^(config\.json|generation_config\.json|tokenizer\.json|tokenizer\.model|tokenizer_config\.json|"
+    rf"special_tokens_map\.json|added_tokens\.json|{_WEIGHT_FILE})$"
+)
+_VISION_FILE = re.compile(rf"^vision_tower/(config\.json|preprocessor_config\.json|{_WEIGHT_FILE})$")
+
+
+def select_source_files(names: list[str]) -> list[str]:
+    """The files of a Hub repo a conversion needs: the top-level config, tokenizer and weights (one format:
+    safetensors when present), and vision_tower/'s config, preprocessor and weights. Checkpoint subfolders,
+    optimizer states, training_args.bin and remote code are left out."""
+    chosen = [n for n in names if _TOP_LEVEL_FILE.match(n) or _VISION_FILE.match(n)]
+    for folder in ("", "vision_tower/"):
+        here = [n for n in chosen if n.startswith(folder) and "/" not in n[len(folder):]]
+        if any(n.endswith(".safetensors") for n in here):
+            chosen = [n for n in chosen if n not in here or "pytorch_model" not in n]
+    return sorted(chosen)
 
 
 def resolve_source(source, revision: str | None = None, token: str | None = None) -> tuple[Path, str, str | None]:
@@ -40,10 +52,13 @@ def resolve_source(source, revision: str | None = None, token: str | None = None
         return path.resolve(), path.resolve().name, None  # a local path is not published, only its name
     if not _REPO_ID.match(str(source)):
         raise ConversionError(f"Source {source!r} is neither an existing folder nor a Hub repo id (owner/name)")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, constants, snapshot_download
 
     try:
-        folder = Path(snapshot_download(str(source), revision=revision, token=token, allow_patterns=SOURCE_PATTERNS))
+        files = None
+        if not constants.HF_HUB_OFFLINE:  # offline, snapshot_download answers from the cache
+            files = select_source_files(HfApi(token=token).list_repo_files(str(source), revision=revision))
+        folder = Path(snapshot_download(str(source), revision=revision, token=token, allow_patterns=files))
     except Exception as error:
         raise ConversionError(f"Could not download {source!r} from the Hub: {type(error).__name__}: {error}") from error
     return folder, str(source), folder.name
@@ -102,7 +117,12 @@ class TensorStore:
                 handle = safe_open(str(path), framework="pt")
                 keys = list(handle.keys())
             else:
-                handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                try:
+                    handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as error:
+                    if "mmap" not in str(error):
+                        raise
+                    handle = torch.load(path, map_location="cpu", weights_only=True)  # legacy, non-zip format
                 if not isinstance(handle, dict) or not all(isinstance(v, torch.Tensor) for v in handle.values()):
                     raise ConversionError(f"{path} is not a state dict of tensors")
                 keys = list(handle)
@@ -126,6 +146,12 @@ class TensorStore:
 
     def location(self, key: str) -> str:
         return f"{self.label}:{self._where[key]}"
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape without reading its data (safetensors header; .bin files are memory-mapped)."""
+        name = self._where[key]
+        handle = self._open[name]
+        return tuple(handle.get_slice(key).get_shape() if name.endswith(".safetensors") else handle[key].shape)
 
     def get(self, key: str) -> torch.Tensor:
         name = self._where[key]
@@ -205,10 +231,15 @@ def text_config_from_llava(config: dict):
 
 def check_llava_settings(config: dict, projection_dim: int):
     """Refuse LLaVA settings the Florence-VL architecture does not have (they would change what the model computes)."""
-    expected = {"mm_patch_merge_type": "flat", "mm_use_im_start_end": False, "mm_use_im_patch_token": False}
-    for key, value in expected.items():
-        if config.get(key, value) != value:
-            raise ConversionError(f"config.json has {key}={config[key]!r}; Florence-VL checkpoints use {value!r}")
+    # Missing keys take the original loader's defaults (builder.py: mm_use_im_patch_token defaults to True).
+    expected = {"mm_patch_merge_type": ("flat", "flat"), "mm_use_im_start_end": (False, False),
+                "mm_use_im_patch_token": (False, True)}  # fmt: skip
+    for key, (value, default) in expected.items():
+        if config.get(key, default) != value:
+            raise ConversionError(
+                f"config.json has {key}={config.get(key, default)!r}{'' if key in config else ' (its default)'}; "
+                f"Florence-VL checkpoints use {value!r}"
+            )
     if config.get("image_aspect_ratio", "pad") not in ("pad", "square"):
         raise ConversionError(f"config.json has image_aspect_ratio={config['image_aspect_ratio']!r}; expected 'pad'")
     if not re.match(r"^mlp\d+x_gelu$", str(config.get("mm_projector_type"))):
