@@ -77,14 +77,14 @@ def _add_push_options(parser, repo_flag: bool):
     parser.add_argument("--token", help="Hub token (default: huggingface_hub login or HF_TOKEN)")
 
 
-def _push(args) -> int:
+def _push_folder(args, folder, repo_id) -> int:
     from .conversion.errors import PushError
     from .conversion.hub import push_folder
 
     try:
         url = push_folder(
-            args.folder,
-            args.repo_id,
+            folder,
+            repo_id,
             private=args.private,
             revision=args.revision,
             create_pr=args.create_pr,
@@ -94,12 +94,16 @@ def _push(args) -> int:
     except PushError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"pushed {args.folder} to {url}")
+    print(f"pushed {folder} to {url}")
     return 0
 
 
+def _push(args) -> int:
+    return _push_folder(args, args.folder, args.repo_id)
+
+
 def _convert(args) -> int:
-    from .conversion import ConversionError, PushError, convert_checkpoint, push_folder
+    from .conversion import ConversionError, convert_checkpoint
 
     if args.push_to_hub and args.no_verify:
         print("error: --push-to-hub needs the verification: only verified conversions are pushed", file=sys.stderr)
@@ -123,25 +127,7 @@ def _convert(args) -> int:
         print(f"error: {error}", file=sys.stderr)
         print(f"nothing was written to {args.output_dir}", file=sys.stderr)
         return 1
-    if args.push_to_hub:
-        if not report["verification"].get("passed"):
-            print("error: not pushing: the conversion was not verified (--no-verify)", file=sys.stderr)
-            return 1
-        try:
-            url = push_folder(
-                args.output_dir,
-                args.push_to_hub,
-                private=args.private,
-                revision=args.revision,
-                create_pr=args.create_pr,
-                commit_message=args.commit_message,
-                token=args.token,
-            )
-        except PushError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        print(f"pushed {args.output_dir} to {url}")
-    return 0
+    return _push_folder(args, args.output_dir, args.push_to_hub) if args.push_to_hub else 0
 
 
 def _make_fixture(args) -> int:

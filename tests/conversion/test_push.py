@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from florence_vl_hf.cli import main
+from florence_vl_hf.conversion import make_fixture
 from florence_vl_hf.conversion.errors import PushError
 from florence_vl_hf.conversion.hub import push_folder, verified
 
@@ -97,6 +98,7 @@ RUNS = {
     "pr": ("regular", "passed", ["--create-pr"]),
     "lfs-pr": ("lfs", "passed", ["--create-pr", "--commit-message", MESSAGE]),
     "network": (None, "passed", []),
+    "convert": ("regular", None, []),  # `florence-vl convert FIXTURE FOLDER --push-to-hub REPO_ID`
 }
 
 
@@ -117,8 +119,15 @@ def pushes(hubs, tmp_path_factory):
     }
     started = {}
     for name, (hub_name, report, options) in RUNS.items():
-        folder = make_folder(root / f"florence-vl-{name}-hf", report)
         repo_id = f"tester/florence-vl-{name}"
+        if name == "convert":
+            source = make_fixture(root / "original", "phi3", seed=8, shards=1)
+            folder = root / f"florence-vl-{name}-hf"
+            command = [sys.executable, "-m", "florence_vl_hf.cli", "convert", str(source), str(folder),
+                       "--push-to-hub", repo_id]  # fmt: skip
+        else:
+            folder = make_folder(root / f"florence-vl-{name}-hf", report)
+            command = [sys.executable, "-m", "florence_vl_hf.cli", "push", str(folder), repo_id, *options]
         hub = hubs[hub_name] if hub_name else None
         env = dict(
             base_env,
@@ -133,10 +142,9 @@ def pushes(hubs, tmp_path_factory):
         if hub_name == "lfs":
             env["HF_HUB_DISABLE_XET"] = "1"
         out, err = root / f"{name}.out", root / f"{name}.err"
-        command = [sys.executable, "-m", "florence_vl_hf.cli", "push", str(folder), repo_id, *options]
         with open(out, "wb") as stdout, open(err, "wb") as stderr:
             process = subprocess.Popen(command, env=env, cwd=root, stdout=stdout, stderr=stderr)
-        started[name] = (process, folder, repo_id, hub, snapshot(folder), out, err)
+        started[name] = (process, folder, repo_id, hub, snapshot(folder) if folder.exists() else None, out, err)
     results = {}
     for name, (process, folder, repo_id, hub, before, out, err) in started.items():
         try:
@@ -144,6 +152,7 @@ def pushes(hubs, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             returncode = process.wait()
+        before = snapshot(folder) if before is None else before  # written by the process itself
         results[name] = Push(name, folder, repo_id, hub, before, returncode, out.read_text(), err.read_text())
     return results
 
@@ -273,3 +282,21 @@ def test_a_passed_report_is_verified_and_a_missing_folder_refused(tmp_path):
     assert verified(make_folder(tmp_path / "converted"))
     with pytest.raises(PushError, match="is not a folder"):
         push_folder(tmp_path / "missing", "tester/florence-vl")
+
+
+@pytest.mark.slow
+def test_convert_with_push_to_hub_uploads_the_verified_folder(pushes):
+    push = pushes["convert"]
+    assert push.returncode == 0, push.explain()
+    commit = one_commit(push)
+    assert_whole_folder_committed(commit, push)
+    assert json.loads(commit.files["conversion_report.json"])["verification"]["passed"]
+    assert f'"{push.repo_id}"' in commit.files["README.md"].decode()  # the card's usage code names the pushed repo
+    assert "PASSED" in push.stdout and f"pushed {push.folder} to" in push.stdout
+    assert_hub_clean(push.hub)
+
+
+def test_push_to_hub_without_verification_is_refused_before_converting(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "none"), str(tmp_path / "out"), "--no-verify", "--push-to-hub", "a/b"]) == 2
+    assert "only verified conversions are pushed" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
