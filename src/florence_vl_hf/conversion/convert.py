@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
+from transformers.models.florence2.modeling_florence2 import Florence2VisionPositionalEmbeddingCosine1D
 
 from .. import __version__
 from ..build import generation_config_for
@@ -23,7 +24,11 @@ from .errors import ConversionError
 from .hub import REPORT_NAME
 from .keys import LLAVA_VISION_PREFIX, Mapped, florence2_to_florence_vl, llava_to_florence_vl
 from .source import (
+    BIN_INDEX,
+    BIN_SINGLE,
     LLAVA_MODEL_TYPES,
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
     TensorStore,
     check_llava_settings,
     florence2_config,
@@ -60,8 +65,7 @@ class Source:
 
 
 def _has_weights(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in (
-        "model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin"))  # fmt: skip
+    return any((folder / name).is_file() for name in (SAFETENSORS_INDEX, BIN_INDEX, SAFETENSORS_SINGLE, BIN_SINGLE))
 
 
 def open_source(source, revision: str | None = None, token: str | None = None, florence2_config_dir=None) -> Source:
@@ -199,12 +203,10 @@ def plan_tensors(source: Source) -> TensorPlan:
 
 
 def _temporal_embedding(rows: int, width: int) -> torch.Tensor:
-    """Florence-2's cosine temporal table (a buffer the vision_tower/ .bin does not store)."""
-    frequencies = torch.arange(rows, dtype=torch.float32)[:, None] * torch.exp(
-        -math.log(10000.0) * torch.arange(0, width, 2, dtype=torch.float32) / width
-    )
-    table = torch.zeros(rows, width)
-    table[:, 0::2], table[:, 1::2] = torch.sin(frequencies), torch.cos(frequencies)
+    """Florence-2's cosine temporal table (a buffer the vision_tower/ .bin does not store), as transformers builds it."""
+    sine, cosine = Florence2VisionPositionalEmbeddingCosine1D.get_sinusoid_embeddings(rows, width)
+    table = torch.empty(rows, width)
+    table[:, 0::2], table[:, 1::2] = sine, cosine
     return table
 
 
