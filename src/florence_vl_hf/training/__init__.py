@@ -1,0 +1,36 @@
+"""Training Florence-VL with transformers' Trainer and PEFT (not part of the Hub payload)."""
+
+from .api import TrainResult, llm_template, train, training_arguments
+from .data import (
+    IGNORE_INDEX,
+    ConversationDataset,
+    FlorenceVLDataCollator,
+    SampleError,
+    load_conversations,
+    tokenize_sample,
+)
+from .lora import LORA_TARGETS, apply_lora, lora_target_modules
+from .stages import PAPER_RECIPES, STAGES, StageRecipe, apply_stage, paper_recipe
+from .trainer import FlorenceVLTrainer
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LORA_TARGETS",
+    "PAPER_RECIPES",
+    "STAGES",
+    "ConversationDataset",
+    "FlorenceVLDataCollator",
+    "FlorenceVLTrainer",
+    "SampleError",
+    "StageRecipe",
+    "TrainResult",
+    "apply_lora",
+    "apply_stage",
+    "llm_template",
+    "load_conversations",
+    "lora_target_modules",
+    "paper_recipe",
+    "tokenize_sample",
+    "train",
+    "training_arguments",
+]

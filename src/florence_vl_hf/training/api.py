@@ -1,0 +1,143 @@
+"""Training Florence-VL from Python: `train(model, processor, data, stage=..., output_dir=...)`."""
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments
+
+from ..build import save_hub_folder
+from .data import ConversationDataset, FlorenceVLDataCollator
+from .lora import apply_lora
+from .stages import apply_stage, check_stage, paper_recipe
+from .trainer import FlorenceVLTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def llm_template(processor) -> str:
+    """"phi3" or "llama3": the chat format of the processor's LLM."""
+    template = processor.chat_template or ""
+    for name, marker in (("phi3", "<|assistant|>"), ("llama3", "<|start_header_id|>")):
+        if marker in template:
+            return name
+    raise ValueError("The processor's chat template is neither the phi3 nor the llama3 Florence-VL template")
+
+
+def training_arguments(
+    output_dir,
+    stage: str,
+    llm: str = "phi3",
+    global_batch_size: int | None = None,
+    per_device_train_batch_size: int = 4,
+    world_size: int = 1,
+    **overrides,
+) -> TrainingArguments:
+    """TrainingArguments with the paper's recipe for `stage` and `llm` ("phi3"/"llama3") as defaults.
+
+    The global batch is reached by gradient accumulation: `global_batch_size / (per_device_train_batch_size *
+    world_size)` steps (at least 1). Any TrainingArguments field can be overridden by keyword.
+    """
+    recipe = paper_recipe(llm, stage)
+    global_batch_size = global_batch_size or recipe.global_batch_size
+    accumulation = max(1, math.ceil(global_batch_size / (per_device_train_batch_size * world_size)))
+    values = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=per_device_train_batch_size,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=recipe.learning_rate,
+        num_train_epochs=recipe.num_train_epochs,
+        lr_scheduler_type=recipe.lr_scheduler_type,
+        warmup_steps=recipe.warmup_ratio,  # a float below 1 is a fraction of the total steps
+        weight_decay=recipe.weight_decay,
+        save_strategy="steps",
+        save_steps=500,
+        save_total_limit=2,
+        logging_steps=10,
+        report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,  # the collator needs every field of the examples
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+@dataclass
+class TrainResult:
+    trainer: FlorenceVLTrainer
+    metrics: dict
+    skipped: dict = field(default_factory=dict)
+    output_dir: Path | None = None
+
+
+def train(
+    model,
+    processor,
+    data,
+    *,
+    stage: str,
+    output_dir=None,
+    args: TrainingArguments | None = None,
+    image_folder=None,
+    template: str | None = None,
+    model_max_length: int | None = None,
+    vision_tower_lr: float | None = None,
+    lora: dict | None = None,
+    resume_from_checkpoint=None,
+    callbacks=None,
+    save: bool = True,
+) -> TrainResult:
+    """Train `model` on LLaVA-format `data` (a path or a list of samples) with transformers' Trainer.
+
+    - `stage`: "pretrain" (everything trainable, `template` "plain" by default) or "finetune" (Florence-2 frozen,
+      the LLM's chat template by default).
+    - `args`: TrainingArguments; by default `training_arguments(output_dir, stage, llm)` (the paper's recipe).
+    - `lora`: keyword arguments of `apply_lora` (e.g. `{"r": 16}`) to train LoRA adapters instead of the LLM.
+    - `resume_from_checkpoint`: a checkpoint folder, or True for the latest in `args.output_dir`.
+
+    The final model (or adapter) and the processor are saved to `args.output_dir` when `save` is true.
+    """
+    check_stage(stage)
+    llm = llm_template(processor)
+    if args is None:
+        if output_dir is None:
+            raise ValueError("Pass output_dir or args")
+        args = training_arguments(output_dir, stage, llm)
+    if args.remove_unused_columns:
+        raise ValueError("Set remove_unused_columns=False: the collator needs the examples' pixel_values")
+    template = template or paper_recipe(llm, stage).template
+    dataset = ConversationDataset(
+        data,
+        processor,
+        template,
+        image_folder=image_folder,
+        model_max_length=model_max_length or paper_recipe(llm, stage).model_max_length,
+    )
+    counts = apply_stage(model, stage)
+    logger.info("stage %s: %d trainable and %d frozen parameters", stage, counts["trainable"], counts["frozen"])
+    if lora is not None:
+        model = apply_lora(model, train_vision_tower=stage == "pretrain", **lora)
+    model.train()
+    trainer = FlorenceVLTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=FlorenceVLDataCollator(processor),
+        processing_class=processor,
+        callbacks=callbacks,
+        vision_tower_lr=vision_tower_lr,
+    )
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    output = Path(args.output_dir)
+    if save:
+        model.eval()
+        if lora is not None:
+            model.save_pretrained(output)
+            processor.save_pretrained(output)
+        else:
+            save_hub_folder(model, processor, output)
+    if dataset.skipped:
+        logger.warning("%d samples were skipped: %s", len(dataset.skipped), dataset.skipped)
+    return TrainResult(trainer=trainer, metrics=result.metrics, skipped=dict(dataset.skipped), output_dir=output)

@@ -1,0 +1,67 @@
+"""transformers.Trainer for Florence-VL: an optional learning rate of its own for the vision tower, and a loss that
+runs the LM head only where a label is predicted."""
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from .stages import is_vision_tower_parameter
+
+IGNORE_INDEX = -100
+
+
+class FlorenceVLTrainer(Trainer):
+    """A `Trainer` with two additions.
+
+    - `vision_tower_lr`: the Florence-2 vision tower's parameters get this learning rate (the rest keep
+      `args.learning_rate`); the scheduler scales both alike.
+    - The loss is computed from logits at the positions that predict a label only (`logits_to_keep` set to those
+      positions): with a 32k-128k vocabulary most of the LM head's work in a caption or VQA batch is spent on
+      prompt and image positions whose logits are discarded. The loss is the same shifted cross-entropy, normalised
+      the way the model normalises it (`num_items_in_batch` under gradient accumulation).
+    """
+
+    def __init__(self, *args, vision_tower_lr: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vision_tower_lr = vision_tower_lr
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None or self.vision_tower_lr is None:
+            return super().create_optimizer(model)
+        model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                groups.setdefault((is_vision_tower_parameter(name), name in decay), []).append(parameter)
+        param_groups = []
+        for (vision, decayed), parameters in groups.items():
+            group = {"params": parameters, "weight_decay": self.args.weight_decay if decayed else 0.0}
+            if vision:
+                group["lr"] = self.vision_tower_lr
+            param_groups.append(group)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs.pop("params", None)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if labels is None or return_outputs or self.label_smoother is not None or self.compute_loss_func is not None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        targets = labels[:, 1:]
+        positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+        outputs = model(**inputs, logits_to_keep=positions)
+        logits = outputs.logits.float()
+        kept = targets[:, positions].to(logits.device)
+        loss = F.cross_entropy(logits.flatten(0, 1), kept.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        if num_items_in_batch is None:
+            return loss / (kept != IGNORE_INDEX).sum().clamp(min=1)
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+        if self.args.average_tokens_across_devices:
+            # The Trainer's num_items_in_batch counts every process's tokens; DDP averages the gradients.
+            loss = loss * self.accelerator.num_processes
+        return loss
