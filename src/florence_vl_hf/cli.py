@@ -155,6 +155,25 @@ def _make_fixture(args) -> int:
     return 0
 
 
+def _make_shapes_data(args) -> int:
+    from .shapes import make_shapes_data
+
+    try:
+        summary = make_shapes_data(
+            args.output_dir, args.num_images, seed=args.seed, split_name=args.split, overwrite=args.overwrite
+        )
+    except FileExistsError:
+        print(f"error: {args.output_dir} is not empty (use --overwrite to replace it)", file=sys.stderr)
+        return 1
+    except (NotADirectoryError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {summary.num_images} ShapesVQA images and {summary.num_questions} questions "
+          f"{dict(summary.question_counts)} to {summary.output_dir}:")  # fmt: skip
+    print("  captions.json (stage 1), instructions.json (stage 2), questions.jsonl (scoring), scenes.jsonl, images/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="florence-vl", description="Florence-VL on Hugging Face Transformers")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("repo_id", help="Hub repository id, e.g. user/florence-vl-3b-sft-hf")
     _add_push_options(push, repo_flag=False)
     push.set_defaults(handler=_push)
+
+    shapes = commands.add_parser(
+        "make-shapes-data",
+        help="generate a ShapesVQA split (synthetic images, captions and questions) in LLaVA format",
+    )
+    shapes.add_argument("output_dir")
+    shapes.add_argument("--num-images", type=int, default=1000)
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--split", default="train", help="name used in ids and image file names")
+    shapes.add_argument("--overwrite", action="store_true")
+    shapes.set_defaults(handler=_make_shapes_data)
+
+    from .training.cli import add_train_parser
+
+    add_train_parser(commands)
     return parser
 
 

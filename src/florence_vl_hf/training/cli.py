@@ -118,7 +118,7 @@ def run_train(args) -> int:
         per_device_train_batch_size=args.per_device_batch_size,
         world_size=int(__import__("os").environ.get("WORLD_SIZE", world_size)),
         bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing=args.gradient_checkpointing,
         save_steps=args.save_steps,
         save_total_limit=args.save_total_limit,
         logging_steps=args.logging_steps,
@@ -159,5 +159,5 @@ def run_train(args) -> int:
         merged = result.trainer.model.merge_and_unload()
         save_hub_folder(merged, processor, Path(args.output_dir) / "merged")
     summary = {"output_dir": str(result.output_dir), "metrics": result.metrics, "skipped": result.skipped}
-    print(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(summary, default=str))
     return 0

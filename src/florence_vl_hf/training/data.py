@@ -83,9 +83,18 @@ def _messages(sample, image_token: str) -> list[dict]:
     return messages
 
 
+def _check_structure(sample) -> None:
+    if not isinstance(sample, dict):
+        raise SampleError(None, f"is a {type(sample).__name__}, not an object with 'conversations'")
+    turns = sample.get("conversations")
+    if not isinstance(turns, list) or not turns or not all(isinstance(turn, dict) for turn in turns):
+        raise SampleError(sample.get("id"), "has no 'conversations' list of turns")
+
+
 def _check_image_count(sample, image_token: str) -> bool:
+    _check_structure(sample)
     has_image = sample.get("image") is not None
-    count = sum(str(turn.get("value", "")).count(image_token) for turn in sample.get("conversations") or [])
+    count = sum(str(turn.get("value", "")).count(image_token) for turn in sample["conversations"])
     if has_image and count != 1:
         raise SampleError(sample.get("id"), f"has an image but {count} {image_token} markers (needs exactly 1)")
     if not has_image and count:

@@ -1,0 +1,125 @@
+import logging
+
+import pytest
+import torch
+from conftest import write_samples
+
+from florence_vl_hf.training import (
+    IGNORE_INDEX,
+    ConversationDataset,
+    FlorenceVLDataCollator,
+    load_conversations,
+)
+
+
+def supervised_text(processor, labels):
+    return processor.tokenizer.decode([label for label in labels if label != IGNORE_INDEX])
+
+
+def test_examples_carry_ids_labels_and_the_processors_pixels(tiny_phi3, data_folder, shapes_image):
+    _, processor = tiny_phi3
+    folder, samples = data_folder
+    dataset = ConversationDataset(write_samples(folder, samples), processor, "phi3", image_folder=folder)
+    caption, qa, text_only = dataset[0], dataset[1], dataset[2]
+    expected_pixels = processor(images=shapes_image, text="<image>", return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(caption["pixel_values"], expected_pixels, rtol=0, atol=0)
+    assert caption["input_ids"].count(processor.image_token_id) == processor.num_image_tokens
+    assert supervised_text(processor, caption["labels"]) == "A red circle and a blue square.<|end|>"
+    assert supervised_text(processor, qa["labels"]) == "green<|end|>Yes.<|end|>"
+    assert text_only["pixel_values"] is None and processor.image_token_id not in text_only["input_ids"]
+    assert supervised_text(processor, text_only["labels"]) == "Hi!<|end|>"
+
+
+def test_plain_template_supervises_the_caption_and_newline_only(tiny, data_folder):
+    _, processor = tiny
+    folder, samples = data_folder
+    example = ConversationDataset(samples[:1], processor, "plain", image_folder=folder)[0]
+    image_end = max(i for i, t in enumerate(example["input_ids"]) if t == processor.image_token_id) + 1
+    assert set(example["labels"][:image_end]) == {IGNORE_INDEX}
+    assert example["labels"][image_end:] == example["input_ids"][image_end:]
+    assert processor.tokenizer.decode(example["input_ids"][image_end:]).strip() == "A red circle and a blue square."
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        ({"image": "missing.png"}, "not found"),
+        ({"image": "garbage.png"}, "could not be used"),
+        ({"conversations": [{"from": "human", "value": "<image>\n<image>\nTwo?"}, {"from": "gpt", "value": "x"}]},
+         "2 <image> markers"),
+        ({"image": None}, "no 'image'"),
+        ({"conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "human", "value": "Q again"}]},
+         "must alternate"),
+        ({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "<image> A"}]}, "gpt turn"),
+        ({"conversations": "not a list"}, "no 'conversations' list"),
+    ],
+)  # fmt: skip
+def test_bad_samples_are_reported_by_id_and_skipped(tiny_phi3, data_folder, bad, reason, caplog):
+    _, processor = tiny_phi3
+    folder, samples = data_folder
+    (folder / "garbage.png").write_bytes(b"not an image at all")
+    broken = {**samples[0], "id": "broken-7", **bad}
+    dataset = ConversationDataset([broken, samples[2]], processor, "phi3", image_folder=folder)
+    with caplog.at_level(logging.WARNING):
+        example = dataset[0]
+    assert supervised_text(processor, example["labels"]) == "Hi!<|end|>"  # the next usable sample
+    assert list(dataset.skipped) == ["broken-7"] and reason in dataset.skipped["broken-7"]
+    assert "broken-7" in caplog.text
+
+
+def test_a_dataset_without_usable_samples_says_so(tiny_phi3, data_folder):
+    _, processor = tiny_phi3
+    folder, samples = data_folder
+    dataset = ConversationDataset([{**samples[0], "image": "missing.png"}], processor, "phi3", image_folder=folder)
+    with pytest.raises(RuntimeError, match="None of the 1 samples can be used"):
+        dataset[0]
+
+
+def test_truncation_keeps_image_tokens_whole_or_drops_the_sample(tiny_phi3, data_folder):
+    _, processor = tiny_phi3
+    folder, samples = data_folder
+    full = ConversationDataset(samples[:1], processor, "phi3", image_folder=folder)[0]
+    image_end = max(i for i, t in enumerate(full["input_ids"]) if t == processor.image_token_id) + 1
+    cut = ConversationDataset(samples[:1], processor, "phi3", image_folder=folder, model_max_length=image_end + 3)[0]
+    assert cut["input_ids"] == full["input_ids"][: image_end + 3]
+    assert cut["labels"] == full["labels"][: image_end + 3]
+    short = ConversationDataset([samples[0], samples[2]], processor, "phi3", image_folder=folder, model_max_length=image_end - 1)
+    short[0]
+    assert "would cut its image" in short.skipped["caption-1"]
+
+
+def test_collator_pads_right_and_stacks_only_real_images(tiny_phi3, data_folder):
+    model, processor = tiny_phi3
+    folder, samples = data_folder
+    dataset = ConversationDataset(samples, processor, "phi3", image_folder=folder)
+    examples = [dataset[2], dataset[0], dataset[1]]
+    batch = FlorenceVLDataCollator(processor)(examples)
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert batch["input_ids"].shape == (3, max(lengths))
+    for row, example in enumerate(examples):
+        n = lengths[row]
+        assert batch["input_ids"][row, :n].tolist() == example["input_ids"]
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (max(lengths) - n)
+        assert batch["labels"][row, n:].eq(IGNORE_INDEX).all()
+        assert batch["input_ids"][row, n:].eq(processor.tokenizer.pad_token_id).all()
+    assert batch["pixel_values"].shape[0] == 2
+    assert batch["task_prompt_ids"].tolist() == [processor.task_prompt_ids] * 2
+
+    # The text-only row in a mixed batch computes what it computes alone.
+    with torch.no_grad():
+        mixed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0, : lengths[0]]
+        alone = model(input_ids=torch.tensor([examples[0]["input_ids"]])).logits[0]
+    torch.testing.assert_close(mixed, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_load_conversations_reads_json_and_json_lines(tmp_path):
+    samples = [{"id": 1, "conversations": []}, {"id": 2, "conversations": []}]
+    (tmp_path / "a.json").write_text(__import__("json").dumps(samples))
+    (tmp_path / "b.jsonl").write_text("\n".join(__import__("json").dumps(s) for s in samples) + "\n")
+    assert load_conversations(tmp_path / "a.json") == samples == load_conversations(tmp_path / "b.jsonl")
+    (tmp_path / "c.json").write_text("{not json")
+    with pytest.raises(ValueError, match="neither a JSON list nor JSON lines"):
+        load_conversations(tmp_path / "c.json")
+    (tmp_path / "d.json").write_text('{"id": 1}')
+    with pytest.raises(ValueError, match="must hold a list of samples"):
+        load_conversations(tmp_path / "d.json")
