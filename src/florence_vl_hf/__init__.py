@@ -5,6 +5,9 @@ AutoModelForImageTextToText and AutoProcessor, and marks the classes so that sav
 trust_remote_code folder (auto_map plus the flat payload files).
 """
 
+from importlib import resources
+from pathlib import Path
+
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .modeling import FlorenceVLConfig, FlorenceVLForConditionalGeneration, FlorenceVLModel, FlorenceVLPreTrainedModel
@@ -21,6 +24,12 @@ def from_pretrained_parts(florence2, language_model, **kwargs):
     from .conversion.parts import from_pretrained_parts as build
 
     return build(florence2, language_model, **kwargs)
+
+
+def tiny_model_dir() -> Path:
+    """Folder of florence-vl-tiny, the small Florence-VL trained on ShapesVQA that ships with the package;
+    load it with `AutoModelForImageTextToText.from_pretrained` / `AutoProcessor.from_pretrained` or `pipeline`."""
+    return Path(str(resources.files("florence_vl_hf") / "florence_vl_tiny"))
 
 
 AutoConfig.register(FlorenceVLConfig.model_type, FlorenceVLConfig, exist_ok=True)
@@ -40,4 +49,5 @@ __all__ = [
     "FlorenceVLProcessor",
     "build_processor",
     "from_pretrained_parts",
+    "tiny_model_dir",
 ]

@@ -24,6 +24,35 @@ print(json.dumps({{"model_class": type(pipe.model).__module__ + "." + type(pipe.
 
 
 def _demo(args) -> int:
+    import PIL.Image
+    from transformers import pipeline
+
+    from . import __version__, tiny_model_dir
+    from .processing import asset_dir
+
+    started = time.perf_counter()
+    assets = asset_dir("phi-3.5-mini-instruct").parent
+    example = json.loads((assets / "shapes_vqa_example.json").read_text())
+    questions = [{"question": args.question, "answer": None}] if args.question else example["questions"]
+    image = PIL.Image.open(args.image or assets / "shapes_vqa_example.png").convert("RGB")
+    folder = tiny_model_dir()
+    pipe = pipeline("image-text-to-text", model=str(folder))
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    print(f"florence_vl_hf {__version__}: florence-vl-tiny ({pipe.model.num_parameters() / 1e6:.1f}M parameters, "
+          f"{size / 1e6:.1f} MB bf16, trained on ShapesVQA by the two-stage recipe) from {folder}")  # fmt: skip
+    print(f"pipeline('image-text-to-text') on {Path(image.filename or 'shapes_vqa_example.png').name}:")
+    for item in questions:
+        messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                 {"type": "text", "text": item["question"]}]}]  # fmt: skip
+        reply = pipe(text=messages, max_new_tokens=args.max_new_tokens)[0]["generated_text"][-1]["content"].strip()
+        verdict = "" if item["answer"] is None else ("  (right)" if reply == item["answer"] else
+                                                     f"  (expected {item['answer']!r})")  # fmt: skip
+        print(f"  {item['question']:55s} -> {reply!r}{verdict}")
+    print(f"done in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def _demo_conversion(args) -> int:
     from . import __version__
     from .conversion import ConversionError, convert_checkpoint, make_fixture
     from .isolation import run_without_package
@@ -177,8 +206,16 @@ def _make_shapes_data(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="florence-vl", description="Florence-VL on Hugging Face Transformers")
     commands = parser.add_subparsers(dest="command", required=True)
+    tiny_demo = commands.add_parser(
+        "demo", help="ask the bundled florence-vl-tiny about a ShapesVQA image through pipeline('image-text-to-text')"
+    )
+    tiny_demo.add_argument("--image", help="an image (default: the bundled ShapesVQA example)")
+    tiny_demo.add_argument("--question", help="one question (default: the example's questions, with answers)")
+    tiny_demo.add_argument("--max-new-tokens", type=int, default=8)
+    tiny_demo.set_defaults(handler=_demo)
+
     demo = commands.add_parser(
-        "demo",
+        "demo-conversion",
         help="make a tiny original-layout checkpoint, convert and verify it, reload it with trust_remote_code and "
         "run the pipeline",
     )
@@ -189,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--question", default=DEMO_QUESTION)
     demo.add_argument("--max-new-tokens", type=int, default=12)
-    demo.set_defaults(handler=_demo)
+    demo.set_defaults(handler=_demo_conversion)
 
     convert = commands.add_parser(
         "convert",
@@ -245,9 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--overwrite", action="store_true")
     shapes.set_defaults(handler=_make_shapes_data)
 
-    from .training.cli import add_train_parser
+    from .training.cli import add_tiny_parsers, add_train_parser
 
     add_train_parser(commands)
+    add_tiny_parsers(commands)
+
+    from .analysis.cli import add_alignment_parser
+
+    add_alignment_parser(commands)
     return parser
 
 

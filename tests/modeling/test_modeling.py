@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from florence_vl_hf import FlorenceVLForConditionalGeneration
-from florence_vl_hf.build import save_hub_folder
+from florence_vl_hf.build import build_random_model, save_hub_folder
 from florence_vl_hf.tiny import tiny_config
 
 
@@ -214,3 +214,14 @@ def test_any_causal_lm_config_works(shapes_image):
     out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
     assert type(AutoModel.from_config(config)).__name__ == "FlorenceVLModel"
+
+
+def test_random_projector_uses_pytorchs_default_linear_init():
+    """The original builds the projector from plain nn.Linear layers; a 0.02 normal init would shrink the image
+    features ~100x through three layers (and a tiny model trained from scratch then ignores the image)."""
+    model, _ = build_random_model(tiny_config("phi3"), seed=0)
+    for linear in model.model.multi_modal_projector.linears:
+        bound = 1 / linear.in_features**0.5
+        assert linear.weight.abs().max() <= bound and linear.bias.abs().max() <= bound
+        assert abs(linear.weight.std().item() - bound / 3**0.5) < 0.1 * bound
+    assert abs(model.model.language_model.layers[0].mlp.down_proj.weight.std().item() - 0.02) < 0.002

@@ -3,11 +3,13 @@
 Part of the Hub payload: imports only torch, transformers and its sibling configuration file.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
@@ -82,6 +84,8 @@ class FlorenceVLMultiModalProjector(nn.Module):
         hidden = config.text_config.hidden_size
         dims = [config.projector_input_dim] + [hidden] * config.projector_depth
         self.linears = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(config.projector_depth))
+        for linear in self.linears:
+            linear._pytorch_default_init = True
         self.act = ACT2FN[config.projector_hidden_act]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -106,6 +110,13 @@ class FlorenceVLPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module):
+        if getattr(module, "_pytorch_default_init", False):
+            # The original builds the projector from plain nn.Linear layers (PyTorch's default init). The LLM's
+            # initializer_range (0.02) would shrink image features ~100x below the text embeddings through 3 layers.
+            bound = 1 / math.sqrt(module.in_features)
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            init.uniform_(module.bias, -bound, bound)
+            return
         super()._init_weights(module)
         if isinstance(module, Florence2VisionPositionalEmbeddingCosine1D):
             sine, cosine = module.get_sinusoid_embeddings(module.max_seq_len, module.embed_dim)

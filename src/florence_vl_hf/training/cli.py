@@ -161,3 +161,109 @@ def run_train(args) -> int:
     summary = {"output_dir": str(result.output_dir), "metrics": result.metrics, "skipped": result.skipped}
     print(json.dumps(summary, default=str))
     return 0
+
+
+def add_tiny_parsers(commands) -> None:
+    tiny = commands.add_parser(
+        "train-tiny",
+        help="reproduce florence-vl-tiny: ShapesVQA data, stage 1, stage 2, held-out evaluation, bf16 model",
+    )
+    tiny.add_argument("output_dir")
+    tiny.add_argument("--work-dir", help="where the ShapesVQA splits are generated (default: a temporary folder)")
+    tiny.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    tiny.add_argument("--stage1-steps", type=int)
+    tiny.add_argument("--stage2-steps", type=int)
+    tiny.add_argument("--train-images", type=int)
+    tiny.add_argument("--test-images", type=int)
+    tiny.add_argument("--fusion", choices=("channel", "token", "average"))
+    tiny.add_argument("--features", nargs="+", help="vision feature sources (default: depth caption ocr grounding)")
+    tiny.add_argument("--overwrite", action="store_true")
+    tiny.set_defaults(handler=run_train_tiny)
+
+    ablations = commands.add_parser(
+        "ablations", help="fusion (channel/token/average) and feature (depth/breadth/all) ablations of florence-vl-tiny"
+    )
+    ablations.add_argument("output_dir")
+    ablations.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ablations.add_argument("--variants", nargs="+", help="default: all five")
+    ablations.add_argument("--stage1-steps", type=int)
+    ablations.add_argument("--stage2-steps", type=int)
+    ablations.add_argument("--train-images", type=int)
+    ablations.add_argument("--test-images", type=int)
+    ablations.set_defaults(handler=run_ablations_command)
+
+    evaluate = commands.add_parser("eval-shapes", help="ShapesVQA exact-match accuracy of a model, per question type")
+    evaluate.add_argument("--model", help="a Florence-VL folder (default: the bundled florence-vl-tiny)")
+    evaluate.add_argument("--data", help="a split from make-shapes-data (default: a fresh one, see --num-images)")
+    evaluate.add_argument("--num-images", type=int, default=300)
+    evaluate.add_argument("--seed", type=int, default=12345, help="seed of the fresh split")
+    evaluate.add_argument("--json", help="also write the result to this file")
+    evaluate.set_defaults(handler=run_eval_shapes)
+
+
+def run_train_tiny(args) -> int:
+    from .shapes_recipe import TinyRecipe, train_tiny
+
+    logging.basicConfig(level=logging.WARNING)
+    values = {"seed": args.seed, "stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps,
+              "train_images": args.train_images, "test_images": args.test_images, "fusion": args.fusion,
+              "vision_feature_sources": args.features}  # fmt: skip
+    recipe = TinyRecipe(**{key: value for key, value in values.items() if value is not None})
+    try:
+        report = train_tiny(args.output_dir, args.work_dir, recipe, overwrite=args.overwrite)
+    except (FileExistsError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(format_accuracy(report["evaluation"]))
+    print(f"stage 1 {report['stage1']['seconds']:.0f}s, stage 2 {report['stage2']['seconds']:.0f}s; "
+          f"saved to {args.output_dir}")  # fmt: skip
+    return 0
+
+
+def run_ablations_command(args) -> int:
+    from .ablations import format_table, run_ablations
+    from .shapes_recipe import TinyRecipe
+
+    logging.basicConfig(level=logging.WARNING)
+    values = {"stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps,
+              "train_images": args.train_images, "test_images": args.test_images}  # fmt: skip
+    recipe = TinyRecipe(**{key: value for key, value in values.items() if value is not None})
+    try:
+        table = run_ablations(args.output_dir, args.seeds, args.variants, recipe)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(format_table(table))
+    return 0
+
+
+def format_accuracy(result: dict) -> str:
+    rows = [f"{'type':10s} {'accuracy':>9s} {'correct':>8s} {'total':>6s}"]
+    for kind, entry in result["per_type"].items():
+        rows.append(f"{kind:10s} {entry['accuracy']:9.1%} {entry['correct']:8d} {entry['total']:6d}")
+    rows.append(f"{'overall':10s} {result['accuracy']:9.1%} {result['correct']:8d} {result['total']:6d}")
+    return "\n".join(rows)
+
+
+def run_eval_shapes(args) -> int:
+    import tempfile
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .. import tiny_model_dir
+    from ..shapes import make_shapes_data
+    from .evaluate import evaluate_shapes
+
+    folder = args.model or tiny_model_dir()
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype="float32")
+    processor = AutoProcessor.from_pretrained(folder)
+    with tempfile.TemporaryDirectory() as scratch:
+        data = args.data
+        if data is None:
+            data = Path(scratch) / "split"
+            make_shapes_data(data, args.num_images, seed=args.seed, split_name="eval")
+        result = evaluate_shapes(model, processor, data)
+    print(format_accuracy(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0

@@ -1,0 +1,93 @@
+"""The paper's fusion and feature ablations in miniature: florence-vl-tiny variants trained by the same recipe."""
+
+import json
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from ..shapes import QUESTION_TYPES
+from .shapes_recipe import TinyRecipe, train_tiny
+
+# name -> (fusion, vision_feature_sources); None keeps all four features (depth + the three task prompts).
+VARIANTS = {
+    "channel (all)": ("channel", None),
+    "token (all)": ("token", None),
+    "average (all)": ("average", None),
+    "depth only": ("channel", ["depth"]),
+    "breadth only": ("channel", ["caption", "ocr", "grounding"]),
+}
+
+
+def run_ablations(output_dir, seeds=(0, 1, 2), variants=None, recipe: TinyRecipe | None = None, log=print) -> dict:
+    """Train every variant with every seed (same data, steps and learning rates), evaluate each on the same
+    held-out split, and write `ablations.json` and `ablations.md` (mean accuracy per question type) to
+    `output_dir`. Finished runs are kept in `runs.jsonl`, so an interrupted sweep resumes where it stopped."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    recipe = recipe or TinyRecipe()
+    names = list(variants or VARIANTS)
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        raise ValueError(f"Unknown variants {unknown}; choose from {list(VARIANTS)}")
+    runs_path = output_dir / "runs.jsonl"
+    done = {}
+    if runs_path.is_file():
+        for line in runs_path.read_text().splitlines():
+            run = json.loads(line)
+            done[(run["variant"], run["seed"])] = run
+    data_dir = output_dir / "data"
+    for name in names:
+        fusion, sources = VARIANTS[name]
+        for seed in seeds:
+            if (name, seed) in done:
+                continue
+            log(f"training {name!r} seed {seed}")
+            variant = replace(recipe, seed=seed, fusion=fusion, vision_feature_sources=sources)
+            with tempfile.TemporaryDirectory(dir=output_dir) as scratch:
+                report = train_tiny(Path(scratch) / "model", data_dir, variant, save=False)
+            run = {"variant": name, "seed": seed, "image_tokens": report["num_image_tokens"],
+                   "accuracy": report["evaluation"]["accuracy"],
+                   "per_type": {k: v["accuracy"] for k, v in report["evaluation"]["per_type"].items()},
+                   "seconds": report["stage1"]["seconds"] + report["stage2"]["seconds"]}  # fmt: skip
+            with runs_path.open("a") as handle:
+                handle.write(json.dumps(run) + "\n")
+            done[(name, seed)] = run
+    table = summarize([done[(name, seed)] for name in names for seed in seeds], recipe)
+    _write_atomic(output_dir / "ablations.json", json.dumps(table, indent=2) + "\n")
+    _write_atomic(output_dir / "ablations.md", format_table(table) + "\n")
+    return table
+
+
+def summarize(runs: list, recipe: TinyRecipe) -> dict:
+    rows = {}
+    for run in runs:
+        row = rows.setdefault(run["variant"], {"variant": run["variant"], "image_tokens": run["image_tokens"],
+                                               "seeds": [], "runs": []})  # fmt: skip
+        row["seeds"].append(run["seed"])
+        row["runs"].append(run)
+    for row in rows.values():
+        n = len(row["runs"])
+        row["accuracy"] = sum(r["accuracy"] for r in row["runs"]) / n
+        row["per_type"] = {t: sum(r["per_type"][t] for r in row["runs"]) / n for t in QUESTION_TYPES}
+        row["accuracy_range"] = [min(r["accuracy"] for r in row["runs"]), max(r["accuracy"] for r in row["runs"])]
+    return {"recipe": {k: v for k, v in vars(recipe).items() if k not in ("fusion", "vision_feature_sources")},
+            "rows": list(rows.values())}  # fmt: skip
+
+
+def format_table(table: dict) -> str:
+    header = ["variant", "image tokens", "seeds", *QUESTION_TYPES, "overall (min-max)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table["rows"]:
+        low, high = row["accuracy_range"]
+        cells = [row["variant"], str(row["image_tokens"]), str(len(row["seeds"]))]
+        cells += [f"{row['per_type'][t]:.1%}" for t in QUESTION_TYPES]
+        cells.append(f"{row['accuracy']:.1%} ({low:.1%}-{high:.1%})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from florence_vl_hf.shapes import QUESTION_TYPES
+from florence_vl_hf.training.ablations import VARIANTS, format_table, run_ablations
+from florence_vl_hf.training.shapes_recipe import TinyRecipe, tiny_shapes_config, train_tiny
+
+MICRO = dict(train_images=6, test_images=3, batch_size=4, stage1_steps=2, stage2_steps=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_architecture_fits_the_size_budget():
+    config = tiny_shapes_config()
+    from florence_vl_hf.modeling import FlorenceVLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = FlorenceVLForConditionalGeneration(config)
+    parameters = sum(p.numel() for p in model.parameters())  # tied embeddings are counted once
+    assert parameters * 2 <= 25e6
+    assert config.num_image_tokens == 65 and config.text_config.vocab_size == 32064
+
+
+def test_train_tiny_runs_both_stages_and_saves_a_loadable_bf16_model(tmp_path):
+    report = train_tiny(tmp_path / "model", tmp_path / "work", TinyRecipe(**MICRO))
+    assert len(report["stage1"]["losses"]) == 2 and len(report["stage2"]["losses"]) == 2
+    evaluation = report["evaluation"]
+    assert set(evaluation["per_type"]) == set(QUESTION_TYPES)
+    assert evaluation["total"] == sum(1 for _ in (tmp_path / "work").glob("shapes-test-*/questions.jsonl")
+                                      for _ in open(_))  # fmt: skip
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "model")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    AutoProcessor.from_pretrained(tmp_path / "model")
+    saved = json.loads((tmp_path / "model" / "training_report.json").read_text())
+    assert saved["recipe"]["stage1_steps"] == 2 and not list(tmp_path.glob(".model.staging-*"))
+    with pytest.raises(FileExistsError):
+        train_tiny(tmp_path / "model", tmp_path / "work", TinyRecipe(**MICRO))
+
+
+def test_same_seed_same_weights(tmp_path):
+    first = train_tiny(tmp_path / "a", tmp_path / "work", TinyRecipe(**MICRO))
+    second = train_tiny(tmp_path / "b", tmp_path / "work", TinyRecipe(**MICRO))
+    assert first["stage1"]["losses"] == second["stage1"]["losses"]
+    a = AutoModelForImageTextToText.from_pretrained(tmp_path / "a").state_dict()
+    b = AutoModelForImageTextToText.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_ablation_sweep_writes_a_table_and_resumes(tmp_path):
+    variants = ["token (all)", "depth only"]
+    table = run_ablations(tmp_path, seeds=[0], variants=variants, recipe=TinyRecipe(**MICRO), log=lambda _: None)
+    rows = {row["variant"]: row for row in table["rows"]}
+    assert rows["token (all)"]["image_tokens"] == 4 * rows["depth only"]["image_tokens"]
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
+    assert "| token (all) | 260 |" in (tmp_path / "ablations.md").read_text()
+    # A second call finds both runs done and trains nothing.
+    again = run_ablations(tmp_path, seeds=[0], variants=variants, recipe=TinyRecipe(**MICRO),
+                          log=lambda line: pytest.fail(f"retrained: {line}"))  # fmt: skip
+    assert format_table(again) == format_table(table)
+    with pytest.raises(ValueError, match="Unknown variants"):
+        run_ablations(tmp_path, variants=["nope"])
+    assert set(VARIANTS) >= set(variants)
