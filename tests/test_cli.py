@@ -8,7 +8,7 @@ from florence_vl_hf.cli import main
 @pytest.mark.slow
 def test_demo_converts_a_fixture_reloads_remotely_and_answers(tmp_path, capsys):
     output = tmp_path / "demo"
-    assert main(["demo-conversion", "--output-dir", str(output), "--max-new-tokens", "4"]) == 0
+    assert main(["demo", "--output-dir", str(output), "--max-new-tokens", "4"]) == 0
     printed = capsys.readouterr().out
     original = json.loads((output / "original" / "config.json").read_text())
     assert original["model_type"] == "llava_phi"  # the source is in the original layout
@@ -24,6 +24,6 @@ def test_demo_converts_a_fixture_reloads_remotely_and_answers(tmp_path, capsys):
 
 def test_demo_refuses_a_non_empty_output_dir(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("precious")
-    assert main(["demo-conversion", "--output-dir", str(tmp_path)]) == 2
+    assert main(["demo", "--output-dir", str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "precious"

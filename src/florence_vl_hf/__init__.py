@@ -29,7 +29,13 @@ def from_pretrained_parts(florence2, language_model, **kwargs):
 def tiny_model_dir() -> Path:
     """Folder of florence-vl-tiny, the small Florence-VL trained on ShapesVQA that ships with the package;
     load it with `AutoModelForImageTextToText.from_pretrained` / `AutoProcessor.from_pretrained` or `pipeline`."""
-    return Path(str(resources.files("florence_vl_hf") / "florence_vl_tiny"))
+    folder = Path(str(resources.files("florence_vl_hf") / "florence_vl_tiny"))
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"florence-vl-tiny is not bundled in this installation ({folder} has no config.json); "
+            "reproduce it with `florence-vl train-tiny OUTPUT_DIR`"
+        )
+    return folder
 
 
 AutoConfig.register(FlorenceVLConfig.model_type, FlorenceVLConfig, exist_ok=True)

@@ -23,7 +23,7 @@ print(json.dumps({{"model_class": type(pipe.model).__module__ + "." + type(pipe.
 """
 
 
-def _demo(args) -> int:
+def _demo_tiny(args) -> int:
     import PIL.Image
     from transformers import pipeline
 
@@ -35,7 +35,11 @@ def _demo(args) -> int:
     example = json.loads((assets / "shapes_vqa_example.json").read_text())
     questions = [{"question": args.question, "answer": None}] if args.question else example["questions"]
     image = PIL.Image.open(args.image or assets / "shapes_vqa_example.png").convert("RGB")
-    folder = tiny_model_dir()
+    try:
+        folder = tiny_model_dir()
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     pipe = pipeline("image-text-to-text", model=str(folder))
     size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     print(f"florence_vl_hf {__version__}: florence-vl-tiny ({pipe.model.num_parameters() / 1e6:.1f}M parameters, "
@@ -52,7 +56,7 @@ def _demo(args) -> int:
     return 0
 
 
-def _demo_conversion(args) -> int:
+def _demo(args) -> int:
     from . import __version__
     from .conversion import ConversionError, convert_checkpoint, make_fixture
     from .isolation import run_without_package
@@ -207,15 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="florence-vl", description="Florence-VL on Hugging Face Transformers")
     commands = parser.add_subparsers(dest="command", required=True)
     tiny_demo = commands.add_parser(
-        "demo", help="ask the bundled florence-vl-tiny about a ShapesVQA image through pipeline('image-text-to-text')"
+        "demo-tiny", help="ask the bundled florence-vl-tiny about a ShapesVQA image through pipeline('image-text-to-text')"
     )
     tiny_demo.add_argument("--image", help="an image (default: the bundled ShapesVQA example)")
     tiny_demo.add_argument("--question", help="one question (default: the example's questions, with answers)")
     tiny_demo.add_argument("--max-new-tokens", type=int, default=8)
-    tiny_demo.set_defaults(handler=_demo)
+    tiny_demo.set_defaults(handler=_demo_tiny)
 
     demo = commands.add_parser(
-        "demo-conversion",
+        "demo",
         help="make a tiny original-layout checkpoint, convert and verify it, reload it with trust_remote_code and "
         "run the pipeline",
     )
@@ -226,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--question", default=DEMO_QUESTION)
     demo.add_argument("--max-new-tokens", type=int, default=12)
-    demo.set_defaults(handler=_demo_conversion)
+    demo.set_defaults(handler=_demo)
 
     convert = commands.add_parser(
         "convert",

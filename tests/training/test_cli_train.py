@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from conftest import write_samples
 from transformers import AutoModelForImageTextToText
@@ -63,3 +64,13 @@ def test_make_shapes_data_writes_a_split_and_refuses_to_overwrite(tmp_path, caps
     assert len(captions) == 3 and all((tmp_path / "s" / c["image"]).is_file() for c in captions)
     code, captured = run(["make-shapes-data", str(tmp_path / "s"), "--num-images", "3"], capsys)
     assert code == 1 and "--overwrite" in captured.err
+
+
+def test_demo_tiny_says_clearly_when_the_model_is_not_bundled(capsys, monkeypatch):
+    import florence_vl_hf
+
+    if (florence_vl_hf.tiny_model_dir.__globals__["resources"].files("florence_vl_hf") / "florence_vl_tiny"
+            / "config.json").is_file():  # fmt: skip
+        pytest.fail("florence-vl-tiny is bundled: replace this test with one that checks its answers")
+    code, captured = run(["demo-tiny"], capsys)
+    assert code == 1 and "florence-vl-tiny is not bundled" in captured.err and "train-tiny" in captured.err
