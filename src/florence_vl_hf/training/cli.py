@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -69,8 +70,6 @@ def _load(args):
     if args.model:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from .. import FlorenceVLConfig  # noqa: F401  (registers florence_vl with the Auto classes)
-
         model = AutoModelForImageTextToText.from_pretrained(args.model, dtype="float32")
         return model, AutoProcessor.from_pretrained(args.model)
     if args.config:
@@ -107,16 +106,15 @@ def run_train(args) -> int:
         "fsdp": args.fsdp,
     }
     overrides = {key: value for key, value in overrides.items() if value is not None}
-    import torch
-
-    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    # torchrun and accelerate export WORLD_SIZE: the global batch is split over every process.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     training_args = training_arguments(
         args.output_dir,
         args.stage,
         llm_template(processor),
         global_batch_size=args.global_batch_size,
         per_device_train_batch_size=args.per_device_batch_size,
-        world_size=int(__import__("os").environ.get("WORLD_SIZE", world_size)),
+        world_size=world_size,
         bf16=args.bf16,
         activation_checkpointing=args.gradient_checkpointing,
         save_steps=args.save_steps,

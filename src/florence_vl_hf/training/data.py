@@ -117,11 +117,9 @@ def tokenize_sample(
         turns = sample.get("conversations") or []
         if not has_image or len(turns) != 2 or not isinstance(turns[1].get("value"), str):
             raise SampleError(sample.get("id"), "the plain template needs an image and exactly two turns")
-        prompt = image_token
-        ids = processor.tokenize_prompt(prompt + turns[1]["value"] + "\n")
-        labels = list(ids)
-        labels[: len(processor.tokenize_prompt(prompt))] = [IGNORE_INDEX] * len(processor.tokenize_prompt(prompt))
-        return ids, labels
+        ids = processor.tokenize_prompt(image_token + turns[1]["value"] + "\n")
+        masked = len(processor.tokenize_prompt(image_token))
+        return ids, [IGNORE_INDEX] * masked + ids[masked:]
 
     messages = _messages(sample, image_token)
     replies = [m for m in messages if m["role"] == "assistant"]
