@@ -149,7 +149,8 @@ class ConversationDataset(Dataset):
     A sample that cannot be used (unreadable image, `<image>` count not matching its image, turns that don't
     alternate, or too long to keep its image tokens whole within `model_max_length`) is logged with its id and
     reason, recorded in `skipped`, and replaced by the next usable sample, so a long run never stops on one bad
-    sample. Longer samples whose image tokens fit are truncated to `model_max_length`, as the original did.
+    sample (with DataLoader workers, each worker logs and records its own). Longer samples whose image tokens fit
+    are truncated to `model_max_length`, as the original did.
     """
 
     samples: list

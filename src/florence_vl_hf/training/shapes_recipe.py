@@ -88,17 +88,17 @@ def tiny_shapes_config(fusion: str = "channel", vision_feature_sources=None) -> 
 
 @dataclass
 class TinyRecipe:
-    """Data sizes, steps and learning rates of the florence-vl-tiny recipe (batch 32, cosine, 3% warm-up)."""
+    """Data sizes, steps and learning rates of the florence-vl-tiny recipe (cosine schedule, 3% warm-up)."""
 
     seed: int = 0
-    train_images: int = 6000
+    train_images: int = 24000
     test_images: int = 300
     data_seed: int = 1
     test_seed: int = 2
-    batch_size: int = 32
-    stage1_steps: int = 600
-    stage2_steps: int = 900
-    stage1_lr: float = 2e-3
+    batch_size: int = 16
+    stage1_steps: int = 3000
+    stage2_steps: int = 2000
+    stage1_lr: float = 1e-3
     stage2_lr: float = 1e-3
     fusion: str = "channel"
     vision_feature_sources: list | None = None
