@@ -74,3 +74,5 @@ def test_demo_tiny_says_clearly_when_the_model_is_not_bundled(capsys, monkeypatc
         pytest.fail("florence-vl-tiny is bundled: replace this test with one that checks its answers")
     code, captured = run(["demo-tiny"], capsys)
     assert code == 1 and "florence-vl-tiny is not bundled" in captured.err and "train-tiny" in captured.err
+    code, captured = run(["eval-shapes", "--num-images", "1"], capsys)
+    assert code == 1 and "florence-vl-tiny is not bundled" in captured.err and "--model" in captured.err

@@ -252,7 +252,11 @@ def run_eval_shapes(args) -> int:
     from ..shapes import make_shapes_data
     from .evaluate import evaluate_shapes
 
-    folder = args.model or tiny_model_dir()
+    try:
+        folder = args.model or tiny_model_dir()
+    except FileNotFoundError as error:
+        print(f"error: {error} (or pass --model)", file=sys.stderr)
+        return 1
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype="float32")
     processor = AutoProcessor.from_pretrained(folder)
     with tempfile.TemporaryDirectory() as scratch:
