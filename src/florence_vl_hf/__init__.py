@@ -10,7 +10,13 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from .modeling import FlorenceVLConfig, FlorenceVLForConditionalGeneration, FlorenceVLModel, FlorenceVLPreTrainedModel
+from .modeling import (
+    FlorenceVLConfig,
+    FlorenceVLForConditionalGeneration,
+    FlorenceVLModel,
+    FlorenceVLPreTrainedModel,
+    FlorenceVLVisionFeatureCache,
+)
 from .processing import FlorenceVLProcessor, build_processor
 
 __version__ = "0.1.0"
@@ -53,6 +59,7 @@ __all__ = [
     "FlorenceVLModel",
     "FlorenceVLPreTrainedModel",
     "FlorenceVLProcessor",
+    "FlorenceVLVisionFeatureCache",
     "build_processor",
     "from_pretrained_parts",
     "tiny_model_dir",

@@ -294,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .analysis.cli import add_alignment_parser
 
     add_alignment_parser(commands)
+
+    from .benchmark import add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 

@@ -127,14 +127,22 @@ def test_prompt_padding_can_be_masked(pixel_values):
         assert not torch.allclose(default.get_image_features(pixel_values).pooler_output, fused)
 
 
-def test_batched_prompts_equal_one_prompt_at_a_time(pixel_values):
+def test_batched_prompts_equal_one_prompt_at_a_time_bit_for_bit(pixel_values):
+    """The fast path (DaViT once, the three prompts in one encoder call) computes exactly, in float32, what the
+    straightforward computation does: DaViT and the encoder once per prompt, then fusion and the projector."""
     model = build()
     prompts = torch.tensor(model.config.task_prompt_ids).expand(2, -1, -1)
+    tower = model.model.vision_tower
     with torch.no_grad():
-        _, batched = model.model.vision_tower(pixel_values, prompts, None)
+        _, batched = tower(pixel_values, prompts, None)
+        singles = []
         for index in range(prompts.shape[1]):
-            _, single = model.model.vision_tower(pixel_values, prompts[:, index : index + 1], None)
-            torch.testing.assert_close(batched[:, index], single[:, 0], atol=1e-6, rtol=0)
+            depth, single = tower(pixel_values, prompts[:, index : index + 1], None)
+            assert torch.equal(batched[:, index], single[:, 0])
+            singles.append(single[:, 0])
+        unbatched = model.model.multi_modal_projector(torch.cat([depth, *singles], dim=-1))
+        fused = model.get_image_features(pixel_values).pooler_output
+    assert fused.dtype == torch.float32 and torch.equal(fused, unbatched)
 
 
 def test_prompts_from_processor_or_config_give_the_same_features(pixel_values):

@@ -139,9 +139,13 @@ def test_eager_and_sdpa_attention_agree(tiny, tmp_path, shapes_image):
     save_hub_folder(model, processor, tmp_path)
     inputs = chat_inputs(processor, shapes_image)
     logits = {}
+    default = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert default.model.language_model.config._attn_implementation == "sdpa"  # SDPA unless asked otherwise
+    assert default.model.vision_tower.encoder.config._attn_implementation == "sdpa"
     for implementation in ("eager", "sdpa"):
         loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation=implementation).eval()
         assert loaded.model.language_model.config._attn_implementation == implementation
+        assert loaded.model.vision_tower.encoder.config._attn_implementation == implementation
         with torch.no_grad():
             logits[implementation] = loaded(**inputs).logits
     torch.testing.assert_close(logits["eager"], logits["sdpa"], atol=1e-4, rtol=1e-4)

@@ -3,7 +3,9 @@
 Part of the Hub payload: imports only torch, transformers and its sibling configuration file.
 """
 
+import hashlib
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +45,50 @@ class FlorenceVLCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
+
+
+class FlorenceVLVisionFeatureCache:
+    """Fused image features of the last `max_images` images, keyed by a hash of their pixel values and task prompts.
+
+    For multi-turn chats about one image: each turn re-sends the image, and a hit skips the vision tower. Entries are
+    the exact tensors an earlier call returned (same dtype and device).
+    """
+
+    def __init__(self, max_images: int = 8):
+        if max_images < 1:
+            raise ValueError(f"max_images must be at least 1, got {max_images}")
+        self.max_images = max_images
+        self.entries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(pixel_values: torch.Tensor, task_prompt_ids: torch.Tensor) -> str:
+        digest = hashlib.blake2b(digest_size=20)
+        for tensor in (pixel_values, task_prompt_ids):
+            tensor = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def get(self, key: str):
+        entry = self.entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, depth: torch.Tensor, projected: torch.Tensor):
+        self.entries[key] = (depth, projected)
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.max_images:
+            self.entries.popitem(last=False)
+
+    def clear(self):
+        self.entries.clear()
+        self.hits = self.misses = 0
 
 
 class FlorenceVLVisionTower(nn.Module):
@@ -132,6 +178,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         self.vision_tower = FlorenceVLVisionTower(config)
         self.multi_modal_projector = FlorenceVLMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
+        self.vision_feature_cache: FlorenceVLVisionFeatureCache | None = None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -164,6 +211,15 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
             mask = (task_prompt_ids != self.config.vision_config.text_config.pad_token_id).long()
         return task_prompt_ids, mask, used
 
+    def enable_vision_feature_cache(self, max_images: int = 8) -> FlorenceVLVisionFeatureCache:
+        """Reuse the image features of the last `max_images` images (e.g. a second question about the same image
+        skips the vision tower). Bypassed while training with gradients; `disable_vision_feature_cache()` ends it."""
+        self.vision_feature_cache = FlorenceVLVisionFeatureCache(max_images)
+        return self.vision_feature_cache
+
+    def disable_vision_feature_cache(self):
+        self.vision_feature_cache = None
+
     def get_image_features(
         self, pixel_values: torch.Tensor, task_prompt_ids: torch.LongTensor | None = None, **kwargs
     ) -> BaseModelOutputWithPooling:
@@ -174,6 +230,26 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         """
         self._check_pixel_values(pixel_values)
         prompts, prompt_mask, used = self._task_prompts(task_prompt_ids, pixel_values.shape[0], pixel_values.device)
+        cache = self.vision_feature_cache
+        if cache is None or (self.training and torch.is_grad_enabled()):
+            depth, projected = self._image_features(pixel_values, prompts, prompt_mask, used)
+            return BaseModelOutputWithPooling(last_hidden_state=depth, pooler_output=projected)
+
+        keys = [cache.key(pixel_values[i], prompts[i]) for i in range(pixel_values.shape[0])]
+        found = [cache.get(key) for key in keys]
+        missing = [i for i, entry in enumerate(found) if entry is None]
+        if missing:
+            mask = prompt_mask[missing] if prompt_mask is not None else None
+            depth, projected = self._image_features(pixel_values[missing], prompts[missing], mask, used)
+            for row, i in enumerate(missing):
+                found[i] = (depth[row], projected[row])
+                cache.put(keys[i], *found[i])
+        return BaseModelOutputWithPooling(
+            last_hidden_state=torch.stack([entry[0] for entry in found]),
+            pooler_output=torch.stack([entry[1] for entry in found]),
+        )
+
+    def _image_features(self, pixel_values, prompts, prompt_mask, used):
         depth, breadth = self.vision_tower(pixel_values, prompts, prompt_mask)
         features = []
         for source in self.config.vision_feature_sources:
@@ -189,8 +265,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
             fused = torch.cat(features, dim=1)
         else:
             fused = torch.stack(features).mean(dim=0)
-        projected = self.multi_modal_projector(fused)
-        return BaseModelOutputWithPooling(last_hidden_state=depth, pooler_output=projected)
+        return depth, self.multi_modal_projector(fused)
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
         if input_ids is None:
@@ -284,6 +359,12 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
     def get_image_features(self, pixel_values: torch.Tensor, task_prompt_ids: torch.LongTensor | None = None, **kwargs):
         return self.model.get_image_features(pixel_values, task_prompt_ids=task_prompt_ids, **kwargs)
 
+    def enable_vision_feature_cache(self, max_images: int = 8) -> FlorenceVLVisionFeatureCache:
+        return self.model.enable_vision_feature_cache(max_images)
+
+    def disable_vision_feature_cache(self):
+        self.model.disable_vision_feature_cache()
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -325,6 +406,7 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
 
 __all__ = [
     "FlorenceVLForConditionalGeneration",
+    "FlorenceVLVisionFeatureCache",
     "FlorenceVLModel",
     "FlorenceVLPreTrainedModel",
 ]

@@ -1,0 +1,81 @@
+"""`florence-vl bench` on the tiny shapes: the table, the JSON keys, and the facts the ratios rest on (the original
+algorithm computes the same features; the memory ours saves is the Florence-2 decoder)."""
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM, StoppingCriteriaList
+
+from florence_vl_hf import benchmark
+from florence_vl_hf.cli import main
+from florence_vl_hf.tiny import tiny_config
+
+
+def test_bench_prints_the_table_and_writes_the_json(tmp_path, capsys):
+    path = tmp_path / "out" / "bench.json"
+    argv = ["bench", "--shapes", "tiny", "--json", str(path), "--device", "cpu", "--repeats", "1", "--warmup", "0",
+            "--decode-tokens", "4", "--batch-size", "2"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    tiny = json.loads(path.read_text())["shapes"]["tiny"]
+    for key, row in (("vision_speedup_vs_original", "vision speed-up vs original, batch 1"),
+                     ("decode_overhead_vs_bare_llm", "decode overhead vs bare LLM, batch 1"),
+                     ("peak_memory_ratio_vs_original", "peak memory ratio vs original")):  # fmt: skip
+        assert tiny[key] > 0 and row in printed
+    assert "| tiny (float32) |" in printed
+
+    # The baseline really is the same algorithm on the same weights: native Florence-2 through generate() gives
+    # our fused features, and the bare LLM has exactly the LLM's parameters.
+    assert tiny["features_max_relative_difference"] < 1e-5
+    llm = AutoModelForCausalLM.from_config(tiny_config("phi3").text_config)
+    assert tiny["parameters"]["bare_llm"] == sum(p.numel() for p in llm.parameters())
+    # What ours does not hold is the Florence-2 decoder (and its LM head, tied to the shared embeddings).
+    saved = tiny["weights_bytes"]["original"] - tiny["weights_bytes"]["ours"]
+    assert saved == tiny["florence2_decoder_bytes"] > 0
+    assert tiny["vision_flops"]["original"] > tiny["vision_flops"]["ours"] > 0
+    assert tiny["num_image_tokens"] == tiny_config("phi3").num_image_tokens
+    for measured in (*tiny["vision_seconds_per_image"].values(), *tiny["decode_ms_per_token"].values(),
+                     *tiny["peak_memory_bytes"].values()):  # fmt: skip
+        assert measured > 0
+
+
+def test_unknown_shape_is_named(capsys):
+    assert main(["bench", "--shapes", "tiny,huge"]) == 2
+    assert "huge" in capsys.readouterr().err
+
+
+def test_a_shape_that_does_not_fit_is_skipped_and_reported(monkeypatch):
+    monkeypatch.setattr(benchmark, "_available_memory", lambda device: 2**30)
+    result = benchmark.bench_shape("large", torch.device("cpu"))
+    assert "skipped" in result and "1.0 GiB available" in result["skipped"]
+    report = {"settings": {"batch_size": 8}, "shapes": {"large": result}}
+    assert "large: skipped, needs about" in benchmark.format_table(report)
+
+
+def test_step_clock_ticks_once_per_generated_token(tiny_phi3, shapes_image):
+    model, processor = tiny_phi3
+    messages = [{"role": "user", "content": [{"type": "image", "image": shapes_image}, {"type": "text", "text": "Hi?"}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")  # fmt: skip
+    clock = benchmark.StepClock(torch.device("cpu"))
+    out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                         stopping_criteria=StoppingCriteriaList([clock]))  # fmt: skip
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 5 and len(clock.ticks) == 5
+    clock.ticks = [10.0, 10.5, 10.6, 10.8, 11.8]  # intervals 0.5, 0.1, 0.2, 1.0: the median is 0.35
+    assert abs(clock.per_token() - 0.35) < 1e-12
+
+
+def test_interleaved_warms_up_then_alternates_and_takes_medians():
+    calls = []
+    values = {"a": iter([9.0, 1.0, 3.0, 2.0]), "b": iter([9.0, 5.0, 4.0, 6.0])}
+
+    def measure(name):
+        def run():
+            calls.append(name)
+            return next(values[name])
+
+        return run
+
+    result = benchmark.interleaved({"a": measure("a"), "b": measure("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert result == {"a": 2.0, "b": 5.0}
