@@ -34,6 +34,8 @@ def test_bench_prints_the_table_and_writes_the_json(tmp_path, capsys):
     assert saved == tiny["florence2_decoder_bytes"] > 0
     assert tiny["vision_flops"]["original"] > tiny["vision_flops"]["ours"] > 0
     assert tiny["num_image_tokens"] == tiny_config("phi3").num_image_tokens
+    assert tiny["decode_tokens_per_second"]["ours_batch2"] == 2000 / tiny["decode_ms_per_token"]["ours_batch2"]
+    assert 0 < tiny["decode_bandwidth_fraction"] and tiny["memory_bandwidth_bytes_per_second"] > 0
     for measured in (*tiny["vision_seconds_per_image"].values(), *tiny["decode_ms_per_token"].values(),
                      *tiny["peak_memory_bytes"].values()):  # fmt: skip
         assert measured > 0

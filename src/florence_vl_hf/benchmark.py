@@ -324,6 +324,15 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None
     return 2 * size**3 / seconds
 
 
+def copy_bandwidth(device: torch.device, repeats: int = 5) -> float:
+    """This machine's memory bandwidth in bytes/s: a large tensor copy (bytes read + bytes written)."""
+    elements = (1 << 30 if device.type == "cuda" else 1 << 28) // 4
+    source = torch.ones(elements, device=device)
+    target = torch.empty_like(source)
+    seconds = interleaved({"copy": _timed(lambda: target.copy_(source), device)}, repeats, warmup=2)["copy"]
+    return 2 * elements * 4 / seconds
+
+
 def count_flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
@@ -363,7 +372,10 @@ def memory_worker(kind: str, folder: Path, device: torch.device, dtype: torch.dt
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+        except OSError:
+            pass  # then the high-water mark may include a higher level from before loading (imports)
         before = _proc_status("VmRSS")
     implementation = (Ours if kind == "ours" else Original)(folder, device, dtype)
     with torch.no_grad():
@@ -465,6 +477,14 @@ def bench_shape(name: str, device: torch.device, repeats: int = 3, warmup: int =
         result["decode_overhead_vs_bare_llm"] = decode["ours_batch1"] / decode["bare_llm_batch1"]
         result[f"decode_overhead_vs_bare_llm_batch{batch_size}"] = (
             decode[f"ours_batch{batch_size}"] / decode[f"bare_llm_batch{batch_size}"])  # fmt: skip
+        # A decode step reads every weight of the LLM once: weights bytes / step time is the bandwidth it achieves.
+        llm_bytes = _parameters(ours.model.model.language_model, ours.model.lm_head)[1]
+        bandwidth = copy_bandwidth(device)
+        result["decode_tokens_per_second"] = {
+            f"ours_batch{size}": 1000 * size / decode[f"ours_batch{size}"] for size in (1, batch_size)
+        }
+        result["memory_bandwidth_bytes_per_second"] = bandwidth
+        result["decode_bandwidth_fraction"] = llm_bytes / (decode["ours_batch1"] / 1000) / bandwidth
         result["static_cache_decode_speedup"] = decode["ours_batch1"] / decode["ours_batch1_static_cache"]
         if compile_decode:
             result["compiled_decode_speedup"] = decode["ours_batch1"] / decode["ours_batch1_static_cache_compiled"]
@@ -567,6 +587,12 @@ def format_table(report: dict) -> str:
                    f"{_format(r['decode_ms_per_token'][f'bare_llm_batch{batch}'], 'ms')}"),
         (f"decode overhead vs bare LLM, batch {batch}",
          lambda r: _format(r[f"decode_overhead_vs_bare_llm_batch{batch}"], "x")),
+        (f"decode tokens/s, ours, batch 1 / batch {batch}",
+         lambda r: f"{r['decode_tokens_per_second']['ours_batch1']:.1f} / "
+                   f"{r['decode_tokens_per_second'][f'ours_batch{batch}']:.1f}"),
+        ("decode, LLM weights read per second as a fraction of copy bandwidth",
+         lambda r: f"{_format(r['decode_bandwidth_fraction'], '%')} of "
+                   f"{r['memory_bandwidth_bytes_per_second'] / 1e9:.0f} GB/s"),
         ("decode per token, static cache, batch 1: ours / bare LLM",
          lambda r: f"{_format(r['decode_ms_per_token']['ours_batch1_static_cache'], 'ms')} / "
                    f"{_format(r['decode_ms_per_token']['bare_llm_batch1_static_cache'], 'ms')}"),
