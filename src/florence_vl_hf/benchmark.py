@@ -208,8 +208,11 @@ class Original:
             raise ValueError("the original algorithm is channel fusion over all tokens")
         self.projector = FlorenceVLMultiModalProjector(self.config)
         prefix = "model.multi_modal_projector."
-        with safe_open(str(folder / "florence_vl" / "model.safetensors"), "pt") as weights:
-            state = {key[len(prefix):]: weights.get_tensor(key) for key in weights.keys() if key.startswith(prefix)}
+        state = {}
+        for path in sorted((folder / "florence_vl").glob("*.safetensors")):  # one file, or shards
+            with safe_open(str(path), "pt") as weights:
+                state.update({key[len(prefix):]: weights.get_tensor(key) for key in weights.keys()
+                              if key.startswith(prefix)})  # fmt: skip
         self.projector.load_state_dict(state)
         self.projector.to(device, dtype).eval()
         self._captured = {}
