@@ -237,13 +237,18 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
 
         keys = [cache.key(pixel_values[i], prompts[i]) for i in range(pixel_values.shape[0])]
         found = [cache.get(key) for key in keys]
-        missing = [i for i, entry in enumerate(found) if entry is None]
-        if missing:
-            mask = prompt_mask[missing] if prompt_mask is not None else None
-            depth, projected = self._image_features(pixel_values[missing], prompts[missing], mask, used)
-            for row, i in enumerate(missing):
-                found[i] = (depth[row], projected[row])
-                cache.put(keys[i], *found[i])
+        first_row = {}  # one row per distinct image not cached yet
+        for row, (key, entry) in enumerate(zip(keys, found)):
+            if entry is None:
+                first_row.setdefault(key, row)
+        if first_row:
+            rows = list(first_row.values())
+            mask = prompt_mask[rows] if prompt_mask is not None else None
+            depth, projected = self._image_features(pixel_values[rows], prompts[rows], mask, used)
+            computed = {key: (depth[i], projected[i]) for i, key in enumerate(first_row)}
+            for key, entry in computed.items():
+                cache.put(key, *entry)
+            found = [entry if entry is not None else computed[key] for key, entry in zip(keys, found)]
         return BaseModelOutputWithPooling(
             last_hidden_state=torch.stack([entry[0] for entry in found]),
             pooler_output=torch.stack([entry[1] for entry in found]),
