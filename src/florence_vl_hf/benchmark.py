@@ -573,35 +573,33 @@ def _format(value, unit: str) -> str:
     return str(value)
 
 
+def _pair(group: str, first: str, second: str, unit: str):
+    """A table cell "first / second" from one group of a shape's results ("-" where a value is absent)."""
+    return lambda result: f"{_format(result[group].get(first), unit)} / {_format(result[group].get(second), unit)}"
+
+
 def format_table(report: dict) -> str:
     """A markdown table: one row per measurement, one column per shape."""
     shapes = report["shapes"]
     batch = report["settings"]["batch_size"]
     rows = [
-        ("parameters, ours / original", lambda r: f"{_format(r['parameters']['ours'], 'count')} / "
-                                                  f"{_format(r['parameters']['original'], 'count')}"),
-        ("weights, ours / original", lambda r: f"{_format(r['weights_bytes']['ours'], 'bytes')} / "
-                                               f"{_format(r['weights_bytes']['original'], 'bytes')}"),
+        ("parameters, ours / original", _pair("parameters", "ours", "original", "count")),
+        ("weights, ours / original", _pair("weights_bytes", "ours", "original", "bytes")),
         ("Florence-2 decoder + LM head (not loaded)", lambda r: _format(r["florence2_decoder_bytes"], "bytes")),
         ("vision per image, batch 1: ours / original",
-         lambda r: f"{_format(r['vision_seconds_per_image']['ours_batch1'], 's')} / "
-                   f"{_format(r['vision_seconds_per_image']['original_batch1'], 's')}"),
+         _pair("vision_seconds_per_image", "ours_batch1", "original_batch1", "s")),
         ("**vision speed-up vs original, batch 1**", lambda r: _format(r["vision_speedup_vs_original"], "x")),
         (f"vision per image, batch {batch}: ours / original",
-         lambda r: f"{_format(r['vision_seconds_per_image'][f'ours_batch{batch}'], 's')} / "
-                   f"{_format(r['vision_seconds_per_image'][f'original_batch{batch}'], 's')}"),
+         _pair("vision_seconds_per_image", f"ours_batch{batch}", f"original_batch{batch}", "s")),
         (f"vision speed-up vs original, batch {batch}",
          lambda r: _format(r[f"vision_speedup_vs_original_batch{batch}"], "x")),
         ("time to first token: ours / original",
-         lambda r: f"{_format(r['time_to_first_token_seconds']['ours'], 's')} / "
-                   f"{_format(r['time_to_first_token_seconds']['original'], 's')}"),
+         _pair("time_to_first_token_seconds", "ours", "original", "s")),
         ("decode per token, batch 1: ours / bare LLM",
-         lambda r: f"{_format(r['decode_ms_per_token']['ours_batch1'], 'ms')} / "
-                   f"{_format(r['decode_ms_per_token']['bare_llm_batch1'], 'ms')}"),
+         _pair("decode_ms_per_token", "ours_batch1", "bare_llm_batch1", "ms")),
         ("**decode overhead vs bare LLM, batch 1**", lambda r: _format(r["decode_overhead_vs_bare_llm"], "x")),
         (f"decode per token, batch {batch}: ours / bare LLM",
-         lambda r: f"{_format(r['decode_ms_per_token'][f'ours_batch{batch}'], 'ms')} / "
-                   f"{_format(r['decode_ms_per_token'][f'bare_llm_batch{batch}'], 'ms')}"),
+         _pair("decode_ms_per_token", f"ours_batch{batch}", f"bare_llm_batch{batch}", "ms")),
         (f"decode overhead vs bare LLM, batch {batch}",
          lambda r: _format(r[f"decode_overhead_vs_bare_llm_batch{batch}"], "x")),
         (f"decode tokens/s, ours, batch 1 / batch {batch}",
@@ -611,13 +609,11 @@ def format_table(report: dict) -> str:
          lambda r: f"{_format(r['decode_bandwidth_fraction'], '%')} of "
                    f"{r['memory_bandwidth_bytes_per_second'] / 1e9:.0f} GB/s"),
         ("decode per token, static cache, batch 1: ours / bare LLM",
-         lambda r: f"{_format(r['decode_ms_per_token']['ours_batch1_static_cache'], 'ms')} / "
-                   f"{_format(r['decode_ms_per_token']['bare_llm_batch1_static_cache'], 'ms')}"),
+         _pair("decode_ms_per_token", "ours_batch1_static_cache", "bare_llm_batch1_static_cache", "ms")),
         ("decode per token, static cache + torch.compile, batch 1: ours / bare LLM",
-         lambda r: f"{_format(r['decode_ms_per_token'].get('ours_batch1_static_cache_compiled'), 'ms')} / "
-                   f"{_format(r['decode_ms_per_token'].get('bare_llm_batch1_static_cache_compiled'), 'ms')}"),
-        ("peak memory: ours / original", lambda r: f"{_format(r['peak_memory_bytes']['ours'], 'bytes')} / "
-                                                   f"{_format(r['peak_memory_bytes']['original'], 'bytes')}"),
+         _pair("decode_ms_per_token", "ours_batch1_static_cache_compiled", "bare_llm_batch1_static_cache_compiled",
+               "ms")),
+        ("peak memory: ours / original", _pair("peak_memory_bytes", "ours", "original", "bytes")),
         ("**peak memory ratio vs original**", lambda r: _format(r["peak_memory_ratio_vs_original"], "x")),
         ("vision pass, fraction of matmul peak", lambda r: _format(r["vision_fraction_of_matmul_peak"], "%")),
         ("prefill, fraction of matmul peak", lambda r: _format(r["prefill_fraction_of_matmul_peak"], "%")),
