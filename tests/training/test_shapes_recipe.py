@@ -6,7 +6,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from florence_vl_hf.shapes import QUESTION_TYPES
 from florence_vl_hf.training.ablations import VARIANTS, format_table, run_ablations
-from florence_vl_hf.training.shapes_recipe import TinyRecipe, tiny_shapes_config, train_tiny
+from florence_vl_hf.build import build_random_model
+from florence_vl_hf.training.shapes_recipe import TinyRecipe, reinit_davit, tiny_shapes_config, train_tiny
 
 MICRO = dict(train_images=6, test_images=3, batch_size=4, stage1_steps=2, stage2_steps=2)
 
@@ -28,6 +29,22 @@ def test_tiny_architecture_fits_the_size_budget():
     parameters = sum(p.numel() for p in model.parameters())  # tied embeddings are counted once
     assert parameters * 2 <= 25e6
     assert config.num_image_tokens == 65 and config.text_config.vocab_size == 32064
+
+
+def test_reinit_davit_redraws_only_davit_conv_and_linear_weights():
+    model, _ = build_random_model(tiny_shapes_config(), seed=0)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    reinit_davit(model, 0.1, seed=3)
+    backbone = model.model.vision_tower.backbone
+    redrawn = {f"model.vision_tower.backbone.{name}.weight" for name, module in backbone.named_modules()
+               if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))}  # fmt: skip
+    after = model.state_dict()
+    assert {name for name in after if not torch.equal(after[name], before[name])} == redrawn
+    weights = torch.cat([after[name].flatten() for name in redrawn])
+    assert weights.std().item() == pytest.approx(0.1, rel=0.02) and abs(weights.mean().item()) < 2e-3
+    again, _ = build_random_model(tiny_shapes_config(), seed=0)
+    reinit_davit(again, 0.1, seed=3)
+    assert all(torch.equal(again.state_dict()[name], after[name]) for name in redrawn)
 
 
 def test_train_tiny_runs_both_stages_and_saves_a_loadable_bf16_model(tmp_path):
