@@ -39,7 +39,7 @@ def test_train_from_a_config_then_resume_then_finetune_with_lora(data_folder, tm
     # Stage 2 with LoRA from the stage-1 folder; the merged model loads with the Auto classes.
     out2 = tmp_path / "stage2"
     code, captured = run(["train", "--stage", "finetune", "--model", str(out), "--output-dir", str(out2),
-                          "--max-steps", "2", "--lora", "--lora-r", "4", "--merge-lora", *common], capsys)  # fmt: skip
+                          "--max-steps", "2", "--lora", "--lora-r", "4", "--merge-lora", "--cache-images", "8", *common], capsys)  # fmt: skip
     assert code == 0, captured.err
     assert (out2 / "adapter_config.json").is_file()
     merged = AutoModelForImageTextToText.from_pretrained(out2 / "merged")

@@ -8,6 +8,7 @@ from florence_vl_hf.training import (
     IGNORE_INDEX,
     ConversationDataset,
     FlorenceVLDataCollator,
+    ImageCache,
     load_conversations,
 )
 
@@ -123,3 +124,54 @@ def test_load_conversations_reads_json_and_json_lines(tmp_path):
     (tmp_path / "d.json").write_text('{"id": 1}')
     with pytest.raises(ValueError, match="must hold a list of samples"):
         load_conversations(tmp_path / "d.json")
+
+
+def test_cached_examples_equal_uncached_ones_and_skip_the_image_work(tiny_phi3, data_folder, monkeypatch):
+    _, processor = tiny_phi3
+    folder, samples = data_folder
+    samples.append({**samples[0], "id": "caption-2"})  # a second sample of the same image
+    path = write_samples(folder, samples)
+    plain = ConversationDataset(path, processor, "phi3", image_folder=folder)
+    expected = [plain[index] for index in range(len(samples))]
+
+    calls = {"images": 0, "renders": 0}
+    preprocess, render = processor.preprocess_images, processor.apply_chat_template
+
+    def counting_preprocess(*args, **kwargs):
+        calls["images"] += 1
+        return preprocess(*args, **kwargs)
+
+    def counting_render(*args, **kwargs):
+        calls["renders"] += 1
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(processor, "preprocess_images", counting_preprocess)
+    monkeypatch.setattr(processor, "apply_chat_template", counting_render)
+    cache = ImageCache(max_images=8)
+    first = ConversationDataset(path, processor, "phi3", image_folder=folder, image_cache=cache, cache_tokens=True)
+    renders = []
+    for _ in range(2):  # two epochs
+        for index, example in enumerate(expected):
+            got = first[index]
+            assert got["input_ids"] == example["input_ids"] and got["labels"] == example["labels"]
+            if example["pixel_values"] is None:
+                assert got["pixel_values"] is None
+            else:
+                assert torch.equal(got["pixel_values"], example["pixel_values"])
+        renders.append(calls["renders"])
+    assert calls["images"] == 2  # shapes.png once for both of its samples, green.png once
+    assert renders[0] > 0 and renders[1] == renders[0]  # the second epoch tokenizes nothing
+    second = ConversationDataset(path, processor, "plain", image_folder=folder, image_cache=cache)
+    assert torch.equal(second[0]["pixel_values"], expected[0]["pixel_values"]) and calls["images"] == 2
+
+
+def test_image_cache_drops_the_least_recently_used_image():
+    cache = ImageCache(max_images=2)
+    a, b, c = (torch.full((1,), float(value)) for value in range(3))
+    cache.put("a", a)
+    cache.put("b", b)
+    assert cache.get("a") is a  # "b" is now the least recently used
+    cache.put("c", c)
+    assert cache.get("b") is None and cache.get("a") is a and cache.get("c") is c
+    with pytest.raises(ValueError, match="max_images"):
+        ImageCache(0)

@@ -9,7 +9,7 @@ import torch
 from transformers import TrainingArguments
 
 from ..build import save_hub_folder
-from .data import ConversationDataset, FlorenceVLDataCollator
+from .data import ConversationDataset, FlorenceVLDataCollator, ImageCache
 from .lora import apply_lora
 from .stages import apply_stage, check_stage, paper_recipe
 from .trainer import FlorenceVLTrainer
@@ -88,6 +88,7 @@ def train(
     resume_from_checkpoint=None,
     callbacks=None,
     save: bool = True,
+    cache_images: int | ImageCache | None = None,
 ) -> TrainResult:
     """Train `model` on LLaVA-format `data` (a path or a list of samples) with transformers' Trainer.
 
@@ -96,6 +97,8 @@ def train(
     - `args`: TrainingArguments; by default `training_arguments(output_dir, stage, llm)` (the paper's recipe).
     - `lora`: keyword arguments of `apply_lora` (e.g. `{"r": 16}`) to train LoRA adapters instead of the LLM.
     - `resume_from_checkpoint`: a checkpoint folder, or True for the latest in `args.output_dir`.
+    - `cache_images`: keep this many preprocessed images (and every tokenized sample) in memory for later epochs,
+      or pass an `ImageCache` to share one between runs over the same images.
 
     The final model (or adapter) and the processor are saved to `args.output_dir` when `save` is true.
     """
@@ -114,6 +117,8 @@ def train(
         template,
         image_folder=image_folder,
         model_max_length=model_max_length or paper_recipe(llm, stage).model_max_length,
+        image_cache=ImageCache(cache_images) if isinstance(cache_images, int) else cache_images,
+        cache_tokens=cache_images is not None,
     )
     counts = apply_stage(model, stage)
     logger.info("stage %s: %d trainable and %d frozen parameters", stage, counts["trainable"], counts["frozen"])

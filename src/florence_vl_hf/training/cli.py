@@ -49,6 +49,8 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
                         help="a checkpoint folder, or no value for the latest in --output-dir")  # fmt: skip
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--cache-images", type=int, help="keep this many preprocessed images (and the tokenized "
+                        "samples) in memory for later epochs; 196 KB per image at 128 px, 4.7 MB at 768 px")
     parser.add_argument("--deepspeed", help="a DeepSpeed config JSON (ZeRO-2/3)")
     parser.add_argument("--fsdp", help="FSDP options, e.g. 'full_shard auto_wrap'")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters on the LLM instead of the LLM")
@@ -147,6 +149,7 @@ def run_train(args) -> int:
             vision_tower_lr=args.vision_tower_lr,
             lora=lora,
             resume_from_checkpoint=resume,
+            cache_images=args.cache_images,
         )
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
