@@ -192,7 +192,7 @@ class ConversationDataset(Dataset):
     image_cache: ImageCache | None = None
     cache_tokens: bool = False
     skipped: dict = field(default_factory=dict)
-    _tokens: dict = field(default_factory=dict, repr=False)
+    _tokens: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         if self.template not in TEMPLATES:
