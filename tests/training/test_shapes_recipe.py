@@ -9,7 +9,7 @@ from florence_vl_hf.training.ablations import VARIANTS, format_table, run_ablati
 from florence_vl_hf.build import build_random_model
 from florence_vl_hf.training.shapes_recipe import TinyRecipe, reinit_davit, tiny_shapes_config, train_tiny
 
-MICRO = dict(train_images=6, test_images=3, batch_size=4, stage1_steps=2, stage2_steps=2)
+MICRO = dict(train_images=6, test_images=3, batch_size=4, stage1_steps=2, stage2_steps=2, stage1_vision_start_step=1)
 
 
 @pytest.fixture(autouse=True)

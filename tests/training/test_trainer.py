@@ -74,6 +74,37 @@ def test_vision_tower_gets_its_own_learning_rate(fresh_phi3, tmp_path):
     assert grouped == len(list(model.parameters()))
 
 
+def test_vision_tower_learning_rate_starts_at_the_given_step(fresh_phi3, data_folder, tmp_path):
+    model, processor = fresh_phi3
+    folder, samples = data_folder
+    args = training_arguments(tmp_path / "run", "pretrain", "phi3", learning_rate=1e-3, warmup_steps=0, max_steps=3,
+                              per_device_train_batch_size=3, global_batch_size=3,
+                              save_strategy="no", report_to="none", disable_tqdm=True)  # fmt: skip
+    vision_before = {n: p.detach().clone() for n, p in model.model.vision_tower.named_parameters()}
+    llm_before = {n: p.detach().clone() for n, p in model.model.language_model.named_parameters()}
+    train(model, processor, write_samples(folder, samples), stage="pretrain", args=args, image_folder=folder,
+          vision_tower_lr=5e-4, vision_tower_start_step=3, save=False)
+    assert all(torch.equal(p, vision_before[n]) for n, p in model.model.vision_tower.named_parameters())
+    assert not all(torch.equal(p, llm_before[n]) for n, p in model.model.language_model.named_parameters())
+    with pytest.raises(ValueError, match="vision_tower_start_step must be >= 0"):
+        FlorenceVLTrainer(model=model, args=args, vision_tower_start_step=-1)
+
+
+def test_vision_tower_start_step_delays_only_the_vision_tower(fresh_phi3, tmp_path):
+    model, _ = fresh_phi3
+    args = training_arguments(tmp_path, "pretrain", "phi3", learning_rate=1e-3, warmup_steps=0,
+                              lr_scheduler_type="constant")  # fmt: skip
+    trainer = FlorenceVLTrainer(model=model, args=args, vision_tower_lr=2e-4, vision_tower_start_step=2)
+    trainer.create_optimizer_and_scheduler(num_training_steps=5)
+    vision = [group["vision_tower"] for group in trainer.optimizer.param_groups]
+    rates = []
+    for _ in range(4):
+        rates.append(dict(zip(vision, trainer.lr_scheduler.get_last_lr())))
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert rates == [{True: 0.0, False: 1e-3}] * 2 + [{True: 2e-4, False: 1e-3}] * 2
+
+
 def test_paper_recipes_are_the_documented_defaults(tmp_path):
     expected = {("phi3", "pretrain"): (4096, 1e-4), ("phi3", "finetune"): (2048, 9e-5),
                 ("llama3", "pretrain"): (256, 2e-5), ("llama3", "finetune"): (256, 1e-5)}  # fmt: skip

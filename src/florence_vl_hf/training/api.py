@@ -84,6 +84,7 @@ def train(
     template: str | None = None,
     model_max_length: int | None = None,
     vision_tower_lr: float | None = None,
+    vision_tower_start_step: int = 0,
     lora: dict | None = None,
     resume_from_checkpoint=None,
     callbacks=None,
@@ -95,6 +96,8 @@ def train(
     - `stage`: "pretrain" (everything trainable, `template` "plain" by default) or "finetune" (Florence-2 frozen,
       the LLM's chat template by default).
     - `args`: TrainingArguments; by default `training_arguments(output_dir, stage, llm)` (the paper's recipe).
+    - `vision_tower_lr`, `vision_tower_start_step`: the vision tower's own learning rate, and the optimizer step
+      before which it stays 0 (stage 1 from random weights: `FlorenceVLTrainer`).
     - `lora`: keyword arguments of `apply_lora` (e.g. `{"r": 16}`) to train LoRA adapters instead of the LLM.
     - `resume_from_checkpoint`: a checkpoint folder, or True for the latest in `args.output_dir`.
     - `cache_images`: keep this many preprocessed images (and every tokenized sample) in memory for later epochs,
@@ -133,6 +136,7 @@ def train(
         processing_class=processor,
         callbacks=callbacks,
         vision_tower_lr=vision_tower_lr,
+        vision_tower_start_step=vision_tower_start_step,
     )
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     output = Path(args.output_dir)

@@ -34,6 +34,8 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--per-device-batch-size", type=int, default=4)
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--vision-tower-lr", type=float, help="a separate learning rate for Florence-2 (pretrain)")
+    parser.add_argument("--vision-tower-start-step", type=int, default=0,
+                        help="keep Florence-2's learning rate at 0 before this step (pretrain from random weights)")
     parser.add_argument("--epochs", type=float)
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--lr-scheduler", help="default cosine")
@@ -147,6 +149,7 @@ def run_train(args) -> int:
             template=args.template,
             model_max_length=args.model_max_length,
             vision_tower_lr=args.vision_tower_lr,
+            vision_tower_start_step=args.vision_tower_start_step,
             lora=lora,
             resume_from_checkpoint=resume,
             cache_images=args.cache_images,
