@@ -100,8 +100,8 @@ class TinyRecipe:
     stage1_steps: int = 3200
     stage2_steps: int = 1600
     stage1_lr: float = 1e-3
-    # From scratch, a vision tower trained from the first step drifts faster than the random LLM learns to read it:
-    # count and colour losses stay at the prior past step 1500, while with the tower frozen they leave it by step
+    # From scratch, a vision tower trained from the first step keeps the random LLM from learning to read it:
+    # count and colour losses stay at the prior through step 1200, while with the tower frozen they leave it by step
     # 400 (README, florence-vl-tiny). So the tower starts later, at a lower rate.
     stage1_vision_lr: float | None = 3e-4
     stage1_vision_start_step: int = 500
