@@ -103,6 +103,11 @@ def test_vision_tower_start_step_delays_only_the_vision_tower(fresh_phi3, tmp_pa
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
     assert rates == [{True: 0.0, False: 1e-3}] * 2 + [{True: 2e-4, False: 1e-3}] * 2
+    plateau = training_arguments(tmp_path, "pretrain", "phi3", lr_scheduler_type="reduce_lr_on_plateau",
+                                 eval_strategy="steps")  # fmt: skip
+    trainer = FlorenceVLTrainer(model=model, args=plateau, eval_dataset=[{}], vision_tower_start_step=2)
+    with pytest.raises(ValueError, match="needs a step-based learning rate schedule, not ReduceLROnPlateau"):
+        trainer.create_optimizer_and_scheduler(num_training_steps=5)
 
 
 def test_paper_recipes_are_the_documented_defaults(tmp_path):

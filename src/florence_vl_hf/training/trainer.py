@@ -57,18 +57,19 @@ class FlorenceVLTrainer(Trainer):
         created = self.lr_scheduler is None
         scheduler = super().create_scheduler(num_training_steps, optimizer)
         start = self.vision_tower_start_step
-        if not (created and start and isinstance(scheduler, LambdaLR)):
+        groups = (optimizer or self.optimizer).param_groups
+        if not (created and start and any(group.get("vision_tower") for group in groups)):
             return scheduler
-        groups = scheduler.optimizer.param_groups
-        if not any(group.get("vision_tower") for group in groups):
-            return scheduler
+        if not isinstance(scheduler, LambdaLR):
+            raise ValueError(
+                f"vision_tower_start_step needs a step-based learning rate schedule, not {type(scheduler).__name__} "
+                f"(lr_scheduler_type={self.args.lr_scheduler_type!r})"
+            )
 
         def delayed(factor):
             return lambda step: factor(step) if step >= start else 0.0
 
         factors = [delayed(f) if group.get("vision_tower") else f for f, group in zip(scheduler.lr_lambdas, groups)]
-        for group in groups:
-            group["lr"] = group["initial_lr"]
         self.lr_scheduler = LambdaLR(scheduler.optimizer, factors)
         return self.lr_scheduler
 
