@@ -1,8 +1,9 @@
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 
 from florence_vl_hf.shapes import QUESTION_TYPES
 from florence_vl_hf.training.ablations import VARIANTS, format_table, run_ablations
@@ -86,3 +87,40 @@ def test_ablation_sweep_writes_a_table_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="Unknown variants"):
         run_ablations(tmp_path, variants=["nope"])
     assert set(VARIANTS) >= set(variants)
+
+
+class _Interrupt(TrainerCallback):
+    def __init__(self, stage_steps: int, at_step: int):
+        self.stage_steps, self.at_step = stage_steps, at_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps == self.stage_steps and state.global_step == self.at_step:
+            raise KeyboardInterrupt(f"interrupted at step {state.global_step}")
+
+
+@pytest.mark.parametrize("stage_steps", [3, 4], ids=["in stage 1", "in stage 2"])
+def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, stage_steps):
+    recipe = TinyRecipe(**{**MICRO, "stage1_steps": 3, "stage2_steps": 4})
+    train_tiny(tmp_path / "straight", tmp_path / "work", recipe)
+    with pytest.raises(KeyboardInterrupt):
+        train_tiny(tmp_path / "resumed", tmp_path / "work", recipe, checkpoint_steps=1,
+                   callbacks=[_Interrupt(stage_steps, at_step=2)])  # fmt: skip
+    run = tmp_path / "work" / "train-tiny-run"
+    assert (run / "stage1.json").is_file() == (stage_steps == 4)
+    assert not (tmp_path / "resumed").exists() and not list(tmp_path.glob(".resumed.staging-*"))
+    with pytest.raises(ValueError, match="another recipe .*stage2_steps"):
+        train_tiny(tmp_path / "other", tmp_path / "work", TinyRecipe(**{**asdict(recipe), "stage2_steps": 5}),
+                   checkpoint_steps=1)  # fmt: skip
+    report = train_tiny(tmp_path / "resumed", tmp_path / "work", recipe, checkpoint_steps=1)
+    assert report["stage1" if stage_steps == 3 else "stage2"]["resumed"] and not run.exists()
+    straight = json.loads((tmp_path / "straight" / "training_report.json").read_text())
+    assert report["stage1"]["losses"] == straight["stage1"]["losses"]
+    assert report["stage2"]["losses"] == straight["stage2"]["losses"]
+    a = AutoModelForImageTextToText.from_pretrained(tmp_path / "straight").state_dict()
+    b = AutoModelForImageTextToText.from_pretrained(tmp_path / "resumed").state_dict()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_checkpointing_needs_a_work_dir(tmp_path):
+    with pytest.raises(ValueError, match="work_dir"):
+        train_tiny(tmp_path / "model", None, TinyRecipe(**MICRO), checkpoint_steps=10)

@@ -181,6 +181,11 @@ def add_tiny_parsers(commands) -> None:
     tiny.add_argument("--test-images", type=int)
     tiny.add_argument("--fusion", choices=("channel", "token", "average"))
     tiny.add_argument("--features", nargs="+", help="vision feature sources (default: depth caption ocr grounding)")
+    tiny.add_argument(
+        "--checkpoint-steps",
+        type=int,
+        help="checkpoint every N steps under --work-dir; the same command again resumes an interrupted run",
+    )
     tiny.add_argument("--overwrite", action="store_true")
     tiny.set_defaults(handler=run_train_tiny)
 
@@ -214,7 +219,8 @@ def run_train_tiny(args) -> int:
               "vision_feature_sources": args.features}  # fmt: skip
     recipe = TinyRecipe(**{key: value for key, value in values.items() if value is not None})
     try:
-        report = train_tiny(args.output_dir, args.work_dir, recipe, overwrite=args.overwrite)
+        report = train_tiny(args.output_dir, args.work_dir, recipe, overwrite=args.overwrite,
+                            checkpoint_steps=args.checkpoint_steps)
     except (FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

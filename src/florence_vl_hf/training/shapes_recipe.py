@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_model, save_model
 
 from ..build import build_random_model, save_hub_folder
 from ..modeling import FlorenceVLConfig
@@ -137,10 +138,12 @@ def make_data(work_dir, recipe: TinyRecipe) -> tuple[Path, Path]:
     return splits[0], splits[1]
 
 
-def _stage(model, processor, data, folder, stage, steps, lr, recipe, output_dir, image_cache, vision_lr=None,
-           vision_start=0):
+def _stage(model, processor, data, folder, stage, steps, lr, recipe, checkpoints, image_cache, vision_lr=None,
+           vision_start=0, checkpoint_steps=None, callbacks=None):
+    saving = {"save_strategy": "steps", "save_steps": checkpoint_steps, "save_total_limit": 1} if checkpoint_steps \
+        else {"save_strategy": "no"}  # fmt: skip
     args = training_arguments(
-        output_dir / f"checkpoints-{stage}",
+        checkpoints,
         stage,
         "phi3",
         global_batch_size=recipe.batch_size,
@@ -148,27 +151,107 @@ def _stage(model, processor, data, folder, stage, steps, lr, recipe, output_dir,
         max_steps=steps,
         learning_rate=lr,
         logging_steps=max(1, steps // 50),
-        save_strategy="no",
         disable_tqdm=True,
         seed=recipe.seed,
         data_seed=recipe.seed,
+        **saving,
     )
+    resume = checkpoint_steps is not None and any(Path(checkpoints).glob("checkpoint-*"))
     started = time.perf_counter()
     result = train(model, processor, data, stage=stage, args=args, image_folder=folder, save=False,
-                   cache_images=image_cache, vision_tower_lr=vision_lr, vision_tower_start_step=vision_start)
+                   cache_images=image_cache, vision_tower_lr=vision_lr, vision_tower_start_step=vision_start,
+                   resume_from_checkpoint=True if resume else None, callbacks=callbacks)  # fmt: skip
     losses = [entry["loss"] for entry in result.trainer.state.log_history if "loss" in entry]
-    return {"seconds": time.perf_counter() - started, "losses": losses, "skipped": result.skipped}
+    return {"seconds": time.perf_counter() - started, "losses": losses, "skipped": result.skipped, "resumed": resume}
+
+
+class _Run:
+    """The checkpoints of an interruptible `train_tiny` in `work_dir/train-tiny-run`: Trainer checkpoints per stage,
+    and each finished stage's weights and report, for one recipe."""
+
+    def __init__(self, work_dir: Path, recipe: TinyRecipe):
+        self.folder = work_dir / "train-tiny-run"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        recipe_file = self.folder / "recipe.json"
+        wanted = json.loads(json.dumps(asdict(recipe)))
+        if recipe_file.is_file():
+            found = json.loads(recipe_file.read_text())
+            if found != wanted:
+                changed = sorted(key for key in set(found) | set(wanted) if found.get(key) != wanted.get(key))
+                raise ValueError(f"{self.folder} holds a run of another recipe (differs in {', '.join(changed)}); "
+                                 "use another work_dir or delete that folder")  # fmt: skip
+        else:
+            _write_atomic(recipe_file, json.dumps(wanted, indent=1))
+
+    def checkpoints(self, stage: str) -> Path:
+        return self.folder / f"checkpoints-{stage}"
+
+    def finished(self, stage: str, model) -> dict | None:
+        """The report of `stage` if it finished in an earlier call (its weights then loaded into `model`)."""
+        report = self.folder / f"{stage}.json"
+        if not report.is_file():
+            return None
+        load_model(model, self.folder / f"{stage}.safetensors")
+        return json.loads(report.read_text())
+
+    def finish(self, stage: str, model, report: dict) -> None:
+        weights = self.folder / f"{stage}.safetensors"
+        save_model(model, str(weights) + ".partial")
+        os.replace(str(weights) + ".partial", weights)
+        _write_atomic(self.folder / f"{stage}.json", json.dumps(report))
+        shutil.rmtree(self.checkpoints(stage), ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def _train_stages(model, processor, recipe, train_dir, staging, run, checkpoint_steps, callbacks) -> dict:
+    report = {"recipe": asdict(recipe), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    image_cache = ImageCache(recipe.train_images)  # 4.7 GB at the default 24 000 images of 128 px
+    stages = (
+        ("stage1", train_dir / "captions.json", "pretrain", recipe.stage1_steps, recipe.stage1_lr,
+         recipe.stage1_vision_lr, recipe.stage1_vision_start_step),
+        ("stage2", train_dir / "instructions.json", "finetune", recipe.stage2_steps, recipe.stage2_lr, None, 0),
+    )  # fmt: skip
+    for name, data, stage, steps, lr, vision_lr, vision_start in stages:
+        if run is not None and (finished := run.finished(name, model)) is not None:
+            report[name] = finished
+            continue
+        checkpoints = run.checkpoints(stage) if run is not None else staging / f"checkpoints-{stage}"
+        report[name] = _stage(model, processor, data, train_dir, stage, steps, lr, recipe, checkpoints, image_cache,
+                              vision_lr, vision_start, checkpoint_steps, callbacks)  # fmt: skip
+        if run is not None:
+            run.finish(name, model, report[name])
+    return report
 
 
 def train_tiny(
-    output_dir, work_dir=None, recipe: TinyRecipe | None = None, overwrite: bool = False, save: bool = True
+    output_dir,
+    work_dir=None,
+    recipe: TinyRecipe | None = None,
+    overwrite: bool = False,
+    save: bool = True,
+    checkpoint_steps: int | None = None,
+    callbacks=None,
 ) -> dict:
     """Run the recipe and save the bf16 model, its processor and `training_report.json` to `output_dir`
-    (`save=False`: only return the report)."""
+    (`save=False`: only return the report).
+
+    `checkpoint_steps`: save a Trainer checkpoint every this many steps under `work_dir/train-tiny-run`, and each
+    finished stage's weights; calling again with the same `work_dir` and recipe resumes where the last call
+    stopped, to the same weights as an uninterrupted run. The run folder is removed once the model is saved.
+    `callbacks`: TrainerCallbacks for both stages.
+    """
     recipe = recipe or TinyRecipe()
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} is not empty")
+    if checkpoint_steps is not None and (checkpoint_steps < 1 or work_dir is None):
+        raise ValueError(f"checkpoint_steps must be >= 1 and needs a work_dir to resume from, got {checkpoint_steps} "
+                         f"and work_dir={work_dir}")  # fmt: skip
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="florence-vl-tiny-"))
     train_dir, test_dir = make_data(work_dir, recipe)
     torch.manual_seed(recipe.seed)
@@ -178,14 +261,12 @@ def train_tiny(
         reinit_davit(model, recipe.vision_init_std, recipe.seed)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.staging-", dir=output_dir.parent))
-    report = {"recipe": asdict(recipe), "threads": torch.get_num_threads(), "torch": torch.__version__}
-    image_cache = ImageCache(recipe.train_images)  # 4.7 GB at the default 24 000 images of 128 px
-    report["stage1"] = _stage(model, processor, train_dir / "captions.json", train_dir, "pretrain",
-                              recipe.stage1_steps, recipe.stage1_lr, recipe, staging, image_cache,
-                              recipe.stage1_vision_lr, recipe.stage1_vision_start_step)  # fmt: skip
-    report["stage2"] = _stage(model, processor, train_dir / "instructions.json", train_dir, "finetune",
-                              recipe.stage2_steps, recipe.stage2_lr, recipe, staging, image_cache)  # fmt: skip
-    del image_cache
+    run = _Run(work_dir, recipe) if checkpoint_steps else None
+    try:
+        report = _train_stages(model, processor, recipe, train_dir, staging, run, checkpoint_steps, callbacks)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     model.eval()
     started = time.perf_counter()
     report["evaluation"] = evaluate_shapes(model, processor, test_dir)
@@ -196,10 +277,14 @@ def train_tiny(
         shutil.rmtree(folder)
     if not save:
         shutil.rmtree(staging)
+        if run is not None:
+            shutil.rmtree(run.folder)
         return report
     save_hub_folder(model.to(torch.bfloat16), processor, staging)
     (staging / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     if output_dir.exists():
         shutil.rmtree(output_dir)
     os.replace(staging, output_dir)
+    if run is not None:
+        shutil.rmtree(run.folder)
     return report
