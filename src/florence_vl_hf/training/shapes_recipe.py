@@ -98,7 +98,7 @@ class TinyRecipe:
     data_seed: int = 1
     test_seed: int = 2
     batch_size: int = 16
-    stage1_steps: int = 3200
+    stage1_steps: int = 6000
     stage2_steps: int = 1600
     stage1_lr: float = 1e-3
     # From scratch, a vision tower trained from the first step keeps the random LLM from learning to read it:
