@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from ..files import write_text_atomic
 from .alignment import feature_subsets
 
 
@@ -69,19 +68,6 @@ def load_caption_pairs(data, image_folder=None, num_pairs=None) -> tuple[list[Pa
         if num_pairs is not None and len(paths) == num_pairs:
             break
     return paths, captions, skipped
-
-
-def _write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(data, file, indent=1)
-            file.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def format_table(curves: dict, subsets: dict, features, fraction: float = 0.1) -> str:
@@ -169,7 +155,7 @@ def run_alignment_command(args) -> int:
     output = plot_curves(curves, args.output, title=title, smooth=args.smooth)
     print(f"wrote {output}")
     if args.json:
-        _write_json_atomic(Path(args.json), {
+        summary = {
             "model": str(args.model),
             "data": str(args.data),
             "num_pairs": len(paths),
@@ -180,7 +166,8 @@ def run_alignment_command(args) -> int:
             "subsets": {name: list(subset) for name, subset in subsets.items()},
             "final_loss": {name: final_loss(losses) for name, losses in curves.items()},
             "curves": curves,
-        })  # fmt: skip
+        }  # fmt: skip
+        write_text_atomic(args.json, json.dumps(summary, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -17,6 +17,7 @@ from transformers.models.florence2.modeling_florence2 import Florence2VisionPosi
 
 from .. import __version__
 from ..build import generation_config_for
+from ..files import write_text_atomic
 from ..modeling import FlorenceVLConfig, FlorenceVLForConditionalGeneration
 from ..processing import IMAGE_TOKEN, IMAGENET_MEAN, IMAGENET_STD, asset_dir, build_processor
 from .card import render_model_card
@@ -324,12 +325,6 @@ def _default_permissions(folder: Path):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def _atomic_write_text(path: Path, text: str):
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def convert_checkpoint(
     source,
     output_dir,
@@ -436,7 +431,7 @@ def convert_checkpoint(
             template,
             base_model=source_ckpt.source_id if source_ckpt.revision else None,
         )
-        _atomic_write_text(staging / "README.md", card)
-        _atomic_write_text(staging / REPORT_NAME, json.dumps(report, indent=2) + "\n")
+        write_text_atomic(staging / "README.md", card)
+        write_text_atomic(staging / REPORT_NAME, json.dumps(report, indent=2) + "\n")
     log(f"saved {output_dir}")
     return report

@@ -1,11 +1,11 @@
 """The paper's fusion and feature ablations in miniature: florence-vl-tiny variants trained by the same recipe."""
 
 import json
-import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from ..files import write_text_atomic
 from ..shapes import QUESTION_TYPES
 from .shapes_recipe import TinyRecipe, train_tiny
 
@@ -54,8 +54,8 @@ def run_ablations(output_dir, seeds=(0, 1, 2), variants=None, recipe: TinyRecipe
                 handle.write(json.dumps(run) + "\n")
             done[(name, seed)] = run
     table = summarize([done[(name, seed)] for name in names for seed in seeds], recipe)
-    _write_atomic(output_dir / "ablations.json", json.dumps(table, indent=2) + "\n")
-    _write_atomic(output_dir / "ablations.md", format_table(table) + "\n")
+    write_text_atomic(output_dir / "ablations.json", json.dumps(table, indent=2) + "\n")
+    write_text_atomic(output_dir / "ablations.md", format_table(table) + "\n")
     return table
 
 
@@ -87,7 +87,3 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)

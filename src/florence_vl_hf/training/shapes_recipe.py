@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from ..build import build_random_model, save_hub_folder
+from ..files import write_text_atomic
 from ..modeling import FlorenceVLConfig
 from ..shapes import make_shapes_data
 from .api import train, training_arguments
@@ -181,7 +182,7 @@ class _Run:
                 raise ValueError(f"{self.folder} holds a run of another recipe (differs in {', '.join(changed)}); "
                                  "use another work_dir or delete that folder")  # fmt: skip
         else:
-            _write_atomic(recipe_file, json.dumps(wanted, indent=1))
+            write_text_atomic(recipe_file, json.dumps(wanted, indent=1))
 
     def checkpoints(self, stage: str) -> Path:
         return self.folder / f"checkpoints-{stage}"
@@ -198,14 +199,8 @@ class _Run:
         weights = self.folder / f"{stage}.safetensors"
         save_model(model, str(weights) + ".partial")
         os.replace(str(weights) + ".partial", weights)
-        _write_atomic(self.folder / f"{stage}.json", json.dumps(report))
+        write_text_atomic(self.folder / f"{stage}.json", json.dumps(report))
         shutil.rmtree(self.checkpoints(stage), ignore_errors=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 def _train_stages(model, processor, recipe, train_dir, staging, run, checkpoint_steps, callbacks) -> dict:
