@@ -85,5 +85,3 @@ def format_table(table: dict) -> str:
         cells.append(f"{row['accuracy']:.1%} ({low:.1%}-{high:.1%})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
