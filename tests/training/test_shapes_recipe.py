@@ -8,7 +8,14 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCall
 from florence_vl_hf.shapes import QUESTION_TYPES
 from florence_vl_hf.training.ablations import VARIANTS, format_table, run_ablations
 from florence_vl_hf.build import build_random_model
-from florence_vl_hf.training.shapes_recipe import TinyRecipe, reinit_davit, tiny_shapes_config, train_tiny
+from florence_vl_hf.training import shapes_recipe
+from florence_vl_hf.training.shapes_recipe import (
+    TinyRecipe,
+    reinit_davit,
+    tiny_shapes_config,
+    train_tiny,
+    zero_davit_mixers,
+)
 
 MICRO = dict(train_images=6, test_images=3, batch_size=4, stage1_steps=2, stage2_steps=2, stage1_vision_start_step=1)
 
@@ -46,6 +53,38 @@ def test_reinit_davit_redraws_only_davit_conv_and_linear_weights():
     again, _ = build_random_model(tiny_shapes_config(), seed=0)
     reinit_davit(again, 0.1, seed=3)
     assert all(torch.equal(again.state_dict()[name], after[name]) for name in redrawn)
+
+
+def test_zero_davit_mixers_leaves_each_block_its_mlp_branch():
+    model, _ = build_random_model(tiny_shapes_config(), seed=0)
+    reinit_davit(model, 0.1, seed=3)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    zero_davit_mixers(model)
+    after = model.state_dict()
+    changed = {name for name in after if not torch.equal(after[name], before[name])}
+    assert changed and all(not after[name].any() for name in changed)
+    assert {name.rsplit(".", 2)[-2] for name in changed} == {"proj", "conv1", "conv2"}
+    block = model.model.vision_tower.backbone.blocks[1][0]
+    hidden = torch.randn(2, 64, 8, 8)
+    for part in (block.spatial_block, block.channel_block):
+        tokens = hidden.flatten(2).transpose(1, 2)
+        expected = (tokens + part.ffn(part.norm2(tokens))).transpose(1, 2).reshape(hidden.shape)
+        torch.testing.assert_close(part(hidden), expected)
+
+
+def test_train_tiny_applies_the_mixer_init(tmp_path, monkeypatch):
+    seen = {}
+
+    def capture(model, *args):
+        seen["model"] = model
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shapes_recipe, "_train_stages", capture)
+    with pytest.raises(KeyboardInterrupt):
+        train_tiny(tmp_path / "model", tmp_path / "work", TinyRecipe(**MICRO, vision_zero_mixers=True))
+    block = seen["model"].model.vision_tower.backbone.blocks[0][0]
+    assert not block.spatial_block.window_attn.proj.weight.any() and not block.channel_block.conv2.weight.any()
+    assert block.spatial_block.ffn.fc1.weight.any() and not (tmp_path / "model").exists()
 
 
 def test_train_tiny_runs_both_stages_and_saves_a_loadable_bf16_model(tmp_path):
