@@ -1,4 +1,5 @@
 import json
+import math
 from dataclasses import asdict
 
 import pytest
@@ -11,6 +12,7 @@ from florence_vl_hf.build import build_random_model
 from florence_vl_hf.training import shapes_recipe
 from florence_vl_hf.training.shapes_recipe import (
     TinyRecipe,
+    init_position_tables,
     reinit_davit,
     tiny_shapes_config,
     train_tiny,
@@ -72,7 +74,19 @@ def test_zero_davit_mixers_leaves_each_block_its_mlp_branch():
         torch.testing.assert_close(part(hidden), expected)
 
 
-def test_train_tiny_applies_the_mixer_init(tmp_path, monkeypatch):
+def test_init_position_tables_gives_each_cell_the_sin_cos_of_its_row_and_column():
+    model, _ = build_random_model(tiny_shapes_config(), seed=0)
+    init_position_tables(model, 3.0)
+    position_embed = model.model.vision_tower.image_projector.image_position_embed
+    table = position_embed(torch.zeros(1, 128, 8, 8))[0]  # channels: 64 for the column, then 64 for the row
+    for row, column, channel in ((0, 0, 0), (2, 5, 1), (7, 3, 20), (4, 6, 40), (5, 1, 63)):
+        k = channel % 32
+        wave = math.sin if channel < 32 else math.cos
+        assert table[channel, row, column].item() == pytest.approx(3.0 * wave(column * 100 ** (-k / 32)), abs=1e-6)
+        assert table[64 + channel, row, column].item() == pytest.approx(3.0 * wave(row * 100 ** (-k / 32)), abs=1e-6)
+
+
+def test_train_tiny_applies_the_mixer_and_position_inits(tmp_path, monkeypatch):
     seen = {}
 
     def capture(model, *args):
@@ -81,7 +95,9 @@ def test_train_tiny_applies_the_mixer_init(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shapes_recipe, "_train_stages", capture)
     with pytest.raises(KeyboardInterrupt):
-        train_tiny(tmp_path / "model", tmp_path / "work", TinyRecipe(**MICRO, vision_zero_mixers=True))
+        train_tiny(tmp_path / "model", tmp_path / "work", TinyRecipe(**MICRO, vision_zero_mixers=True, vision_position_init_scale=2.0))
+    columns = seen["model"].model.vision_tower.image_projector.image_position_embed.column_embeddings.weight
+    assert columns[1, 0].item() == pytest.approx(2.0 * math.sin(1.0)) and columns[0, 32].item() == 2.0
     block = seen["model"].model.vision_tower.backbone.blocks[0][0]
     assert not block.spatial_block.window_attn.proj.weight.any() and not block.channel_block.conv2.weight.any()
     assert block.spatial_block.ffn.fc1.weight.any() and not (tmp_path / "model").exists()

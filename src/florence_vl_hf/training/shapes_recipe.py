@@ -116,6 +116,10 @@ class TinyRecipe:
     # trained from a random init the DaViT does not learn to read words, held or started at zero it does, at a vision
     # rate of 3e-4 (README, florence-vl-tiny). Not yet measured end to end, so off by default.
     vision_zero_mixers: bool = False
+    # Florence-2's 2-D position embeddings start at N(0, 0.02), against DaViT features that vary by ~1 between images
+    # at each position, and stay there: the LLM gets no x and position stays at chance (README, florence-vl-tiny).
+    # A scale: start the row and column embeddings as sin-cos tables of that amplitude instead. None: N(0, 0.02).
+    vision_position_init_scale: float | None = None
     fusion: str = "channel"
     vision_feature_sources: list | None = None
     extra: dict = field(default_factory=dict)
@@ -140,6 +144,20 @@ def zero_davit_mixers(model) -> None:
             if attention_output or depthwise:
                 for parameter in module.parameters():
                     parameter.zero_()
+
+
+def init_position_tables(model, scale: float) -> None:
+    """Set the DaViT's learned row and column embeddings to sin-cos tables times `scale`: position p, frequency
+    100^(-k/K) for k < K = ceil(width / 2), sines then cosines, cut to the embedding width."""
+    position_embed = model.model.vision_tower.image_projector.image_position_embed
+    with torch.no_grad():
+        for embedding in (position_embed.row_embeddings, position_embed.column_embeddings):
+            count, width = embedding.weight.shape
+            half = (width + 1) // 2
+            frequencies = 100.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+            angles = torch.arange(count, dtype=torch.float64)[:, None] * frequencies
+            table = torch.cat([angles.sin(), angles.cos()], dim=1)[:, :width] * scale
+            embedding.weight.copy_(table.to(embedding.weight.dtype))
 
 
 def make_data(work_dir, recipe: TinyRecipe) -> tuple[Path, Path]:
@@ -272,6 +290,8 @@ def train_tiny(
         reinit_davit(model, recipe.vision_init_std, recipe.seed)
     if recipe.vision_zero_mixers:
         zero_davit_mixers(model)
+    if recipe.vision_position_init_scale is not None:
+        init_position_tables(model, recipe.vision_position_init_scale)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.staging-", dir=output_dir.parent))
     run = _Run(work_dir, recipe) if checkpoint_steps else None
