@@ -104,20 +104,21 @@ class TinyRecipe:
     stage1_lr: float = 1e-3
     # From scratch, a vision tower trained from the first step keeps the random LLM from learning to read it:
     # count and colour losses stay at the prior through step 1200, while with the tower frozen they leave it by step
-    # 400 (README, florence-vl-tiny). So the tower starts later, at a lower rate.
+    # 400 (docs/florence-vl-tiny-notes.md). So the tower starts later, at a lower rate.
     stage1_vision_lr: float | None = 3e-4
     stage1_vision_start_step: int = 500
     stage2_lr: float = 1e-3
     # DaViT's own init (N(0, 0.02) for every conv and linear) suits pre-training at scale; from scratch its
     # near-identity residual blocks learn slowly. With N(0, 0.1) a DaViT probe supervised on counts leaves the prior
-    # in ~150 steps instead of ~600; end to end the gain is small so far (README, florence-vl-tiny). None: DaViT's.
+    # in ~150 steps instead of ~600; end to end the gain is small so far (docs/florence-vl-tiny-notes.md).
+    # None: DaViT's own init.
     vision_init_std: float | None = 0.1
     # Start the DaViT's spatial mixers (window and channel attention outputs, depthwise convs) as identities: with them
     # trained from a random init the DaViT does not learn to read words, held or started at zero it does, at a vision
-    # rate of 3e-4 (README, florence-vl-tiny). Not yet measured end to end, so off by default.
+    # rate of 3e-4 (docs/florence-vl-tiny-notes.md). Not yet measured end to end, so off by default.
     vision_zero_mixers: bool = False
     # Florence-2's 2-D position embeddings start at N(0, 0.02), against DaViT features that vary by ~1 between images
-    # at each position, and stay there: the LLM gets no x and position stays at chance (README, florence-vl-tiny).
+    # at each position, and stay there: the LLM gets no x and position stays at chance (docs/florence-vl-tiny-notes.md).
     # A scale: start the row and column embeddings as sin-cos tables of that amplitude instead. None: N(0, 0.02).
     vision_position_init_scale: float | None = None
     fusion: str = "channel"
