@@ -22,15 +22,16 @@ def run_without_package(code: str, timeout: float = 900, env: dict | None = None
     """Run `code` in a child interpreter that cannot import florence_vl_hf; raises on a non-zero exit."""
     child_env = {**os.environ, **(env or {})}
     child_env.setdefault("HF_HUB_OFFLINE", "1")
-    child_env.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="florence_vl_modules_"))
-    result = subprocess.run(
-        [sys.executable, "-c", _BLOCKER + code],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=child_env,
-    )
+    with tempfile.TemporaryDirectory(prefix="florence_vl_modules_") as modules_cache:
+        child_env.setdefault("HF_MODULES_CACHE", modules_cache)
+        result = subprocess.run(
+            [sys.executable, "-c", _BLOCKER + code],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=child_env,
+        )
     if result.returncode != 0:
         raise RuntimeError(f"Isolated process failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
