@@ -95,7 +95,8 @@ def test_train_tiny_applies_the_mixer_and_position_inits(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shapes_recipe, "_train_stages", capture)
     with pytest.raises(KeyboardInterrupt):
-        train_tiny(tmp_path / "model", tmp_path / "work", TinyRecipe(**MICRO, vision_zero_mixers=True, vision_position_init_scale=2.0))
+        recipe = TinyRecipe(**MICRO, vision_zero_mixers=True, vision_position_init_scale=2.0)
+        train_tiny(tmp_path / "model", tmp_path / "work", recipe)
     columns = seen["model"].model.vision_tower.image_projector.image_position_embed.column_embeddings.weight
     assert columns[1, 0].item() == pytest.approx(2.0 * math.sin(1.0)) and columns[0, 32].item() == 2.0
     block = seen["model"].model.vision_tower.backbone.blocks[0][0]
