@@ -1,8 +1,8 @@
 """The probe behind "With a longer phase A the LLM reads the word" (docs/florence-vl-tiny-notes.md).
 
 Usage: python stage0_readouts.py PHASE_A_STEPS PHASE_B_STEPS (e.g. 4000 1500). Needs a ShapesVQA training split in
-$SHAPES_TRAIN (default /tmp/tiny-work/shapes-train-24000-seed1) and its first 6000 images preprocessed to
-$PIXELS (a (6000, 3, 128, 128) tensor saved with torch.save). A research probe, not part of the package."""
+$SHAPES_TRAIN (default /tmp/tiny-work/shapes-train-24000-seed1); its first 6000 images are preprocessed once and
+cached in $PIXELS (default /tmp/pv6000.pt). A research probe, not part of the package."""
 import json, os, sys, time, torch, torch.nn.functional as F
 from pathlib import Path
 from florence_vl_hf.training.shapes_recipe import tiny_shapes_config, reinit_davit, zero_davit_mixers, init_position_tables
@@ -24,7 +24,12 @@ for i, s in enumerate(scenes):
         for r in range(int(y0 / s["height"] * 8), int((y1 - 1) / s["height"] * 8) + 1):
             for c in range(int(x0 / s["width"] * 8), int((x1 - 1) / s["width"] * 8) + 1):
                 cells[i, 1 + r * 8 + c] = 1
-pixels = torch.load(os.environ.get("PIXELS", "/tmp/pv6000.pt"))
+pixel_file = Path(os.environ.get("PIXELS", "/tmp/pv6000.pt"))
+if not pixel_file.exists():
+    from PIL import Image
+    images = [Image.open(W / json.loads(line)["image"]).convert("RGB") for line in open(W / "scenes.jsonl")][:6000]
+    torch.save(proc.image_processor(images, return_tensors="pt")["pixel_values"], pixel_file)
+pixels = torch.load(pixel_file)
 train, held = torch.arange(5400), torch.arange(5400, 6000)
 order = train[torch.randperm(5400, generator=torch.Generator().manual_seed(0))]
 q = torch.nn.Parameter(torch.zeros(4, 64)); phead = torch.nn.Linear(256, 2)
