@@ -81,17 +81,18 @@ def test_demo_tiny_says_clearly_when_the_model_is_not_bundled(capsys, monkeypatc
 
 def test_train_tiny_with_checkpoints_trains_saves_and_refuses_a_changed_recipe(tmp_path, capsys):
     work = ["--work-dir", str(tmp_path / "work"), "--train-images", "6", "--test-images", "2"]
-    steps = ["--stage1-steps", "2", "--stage2-steps", "1", "--checkpoint-steps", "1"]
+    steps = ["--stage0-steps", "2", "--stage1-steps", "2", "--stage2-steps", "1", "--checkpoint-steps", "1"]
     code, captured = run(["train-tiny", str(tmp_path / "model"), *work, *steps], capsys)
     assert code == 0, captured.err
     assert captured.out.splitlines()[-2].startswith("overall") and f"saved to {tmp_path / 'model'}" in captured.out
     report = json.loads((tmp_path / "model" / "training_report.json").read_text())
     assert report["recipe"]["stage1_steps"] == 2 and len(report["stage1"]["losses"]) == 2
+    assert len(report["stage0"]["losses"]) == 1 and "stage 0" in captured.out
     assert not (tmp_path / "work" / "train-tiny-run").exists()  # removed once the model is saved
     (tmp_path / "work" / "train-tiny-run").mkdir()
     (tmp_path / "work" / "train-tiny-run" / "recipe.json").write_text(json.dumps(report["recipe"]))
-    code, captured = run(["train-tiny", str(tmp_path / "again"), *work, "--stage1-steps", "3",
-                          "--stage2-steps", "1", "--checkpoint-steps", "1"], capsys)  # fmt: skip
+    changed = ["--stage0-steps", "2", "--stage1-steps", "3", "--stage2-steps", "1", "--checkpoint-steps", "1"]
+    code, captured = run(["train-tiny", str(tmp_path / "again"), *work, *changed], capsys)
     assert code == 1 and "another recipe (differs in stage1_steps)" in captured.err
     code, captured = run(["train-tiny", str(tmp_path / "model"), *work, *steps], capsys)
     assert code == 1 and "not empty" in captured.err

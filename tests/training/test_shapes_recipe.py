@@ -19,7 +19,8 @@ from florence_vl_hf.training.shapes_recipe import (
     zero_davit_mixers,
 )
 
-MICRO = dict(train_images=6, test_images=3, batch_size=4, stage1_steps=2, stage2_steps=2, stage1_vision_start_step=1)
+MICRO = dict(train_images=6, test_images=3, batch_size=4, stage0_steps=2, stage1_steps=2, stage2_steps=2,
+             stage1_vision_start_step=1)
 
 
 @pytest.fixture(autouse=True)
@@ -106,6 +107,7 @@ def test_train_tiny_applies_the_mixer_and_position_inits(tmp_path, monkeypatch):
 
 def test_train_tiny_runs_both_stages_and_saves_a_loadable_bf16_model(tmp_path):
     report = train_tiny(tmp_path / "model", tmp_path / "work", TinyRecipe(**MICRO))
+    assert len(report["stage0"]["losses"]) == 1 and "held_out_accuracy" in report["stage0"]
     assert len(report["stage1"]["losses"]) == 2 and len(report["stage2"]["losses"]) == 2
     evaluation = report["evaluation"]
     assert set(evaluation["per_type"]) == set(QUESTION_TYPES)
@@ -123,7 +125,10 @@ def test_train_tiny_runs_both_stages_and_saves_a_loadable_bf16_model(tmp_path):
 def test_same_seed_same_weights(tmp_path):
     first = train_tiny(tmp_path / "a", tmp_path / "work", TinyRecipe(**MICRO))
     second = train_tiny(tmp_path / "b", tmp_path / "work", TinyRecipe(**MICRO))
+    assert first["stage0"]["losses"] == second["stage0"]["losses"]
     assert first["stage1"]["losses"] == second["stage1"]["losses"]
+    without = train_tiny(tmp_path / "c", tmp_path / "work", TinyRecipe(**{**MICRO, "stage0_steps": 0}))
+    assert "stage0" not in without and without["stage1"]["losses"] != first["stage1"]["losses"]
     a = AutoModelForImageTextToText.from_pretrained(tmp_path / "a").state_dict()
     b = AutoModelForImageTextToText.from_pretrained(tmp_path / "b").state_dict()
     assert all(torch.equal(a[key], b[key]) for key in a)
@@ -162,7 +167,7 @@ def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_p
         train_tiny(tmp_path / "resumed", tmp_path / "work", recipe, checkpoint_steps=1,
                    callbacks=[_Interrupt(stage_steps, at_step=2)])  # fmt: skip
     run = tmp_path / "work" / "train-tiny-run"
-    assert (run / "stage1.json").is_file() == (stage_steps == 4)
+    assert (run / "stage0.json").is_file() and (run / "stage1.json").is_file() == (stage_steps == 4)
     assert not (tmp_path / "resumed").exists() and not list(tmp_path.glob(".resumed.staging-*"))
     with pytest.raises(ValueError, match="another recipe .*stage2_steps"):
         train_tiny(tmp_path / "other", tmp_path / "work", TinyRecipe(**{**asdict(recipe), "stage2_steps": 5}),
@@ -170,6 +175,7 @@ def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_p
     report = train_tiny(tmp_path / "resumed", tmp_path / "work", recipe, checkpoint_steps=1)
     assert report["stage1" if stage_steps == 3 else "stage2"]["resumed"] and not run.exists()
     straight = json.loads((tmp_path / "straight" / "training_report.json").read_text())
+    assert report["stage0"]["losses"] == straight["stage0"]["losses"]
     assert report["stage1"]["losses"] == straight["stage1"]["losses"]
     assert report["stage2"]["losses"] == straight["stage2"]["losses"]
     a = AutoModelForImageTextToText.from_pretrained(tmp_path / "straight").state_dict()

@@ -175,6 +175,7 @@ def add_tiny_parsers(commands) -> None:
     tiny.add_argument("output_dir")
     tiny.add_argument("--work-dir", help="where the ShapesVQA splits are generated (default: a temporary folder)")
     tiny.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    tiny.add_argument("--stage0-steps", type=int, help="region pre-training of the vision tower (0: none)")
     tiny.add_argument("--stage1-steps", type=int)
     tiny.add_argument("--stage2-steps", type=int)
     tiny.add_argument("--train-images", type=int)
@@ -195,6 +196,7 @@ def add_tiny_parsers(commands) -> None:
     ablations.add_argument("output_dir")
     ablations.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ablations.add_argument("--variants", nargs="+", help="default: all five")
+    ablations.add_argument("--stage0-steps", type=int)
     ablations.add_argument("--stage1-steps", type=int)
     ablations.add_argument("--stage2-steps", type=int)
     ablations.add_argument("--train-images", type=int)
@@ -214,7 +216,8 @@ def run_train_tiny(args) -> int:
     from .shapes_recipe import TinyRecipe, train_tiny
 
     logging.basicConfig(level=logging.WARNING)
-    values = {"seed": args.seed, "stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps,
+    values = {"seed": args.seed, "stage0_steps": args.stage0_steps, "stage1_steps": args.stage1_steps,
+              "stage2_steps": args.stage2_steps,
               "train_images": args.train_images, "test_images": args.test_images, "fusion": args.fusion,
               "vision_feature_sources": args.features}  # fmt: skip
     recipe = TinyRecipe(**{key: value for key, value in values.items() if value is not None})
@@ -225,7 +228,8 @@ def run_train_tiny(args) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(format_accuracy(report["evaluation"]))
-    print(f"stage 1 {report['stage1']['seconds']:.0f}s, stage 2 {report['stage2']['seconds']:.0f}s; "
+    stage0 = f"stage 0 {report['stage0']['seconds']:.0f}s, " if "stage0" in report else ""
+    print(f"{stage0}stage 1 {report['stage1']['seconds']:.0f}s, stage 2 {report['stage2']['seconds']:.0f}s; "
           f"saved to {args.output_dir}")  # fmt: skip
     return 0
 
@@ -235,7 +239,8 @@ def run_ablations_command(args) -> int:
     from .shapes_recipe import TinyRecipe
 
     logging.basicConfig(level=logging.WARNING)
-    values = {"stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps,
+    values = {"stage0_steps": args.stage0_steps, "stage1_steps": args.stage1_steps,
+              "stage2_steps": args.stage2_steps,
               "train_images": args.train_images, "test_images": args.test_images}  # fmt: skip
     recipe = TinyRecipe(**{key: value for key, value in values.items() if value is not None})
     try:

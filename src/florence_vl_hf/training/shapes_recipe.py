@@ -25,6 +25,7 @@ from ..shapes import make_shapes_data
 from .api import train, training_arguments
 from .data import ImageCache
 from .evaluate import evaluate_shapes
+from .region_pretraining import pretrain_regions
 
 logger = logging.getLogger(__name__)
 
@@ -99,13 +100,21 @@ class TinyRecipe:
     data_seed: int = 1
     test_seed: int = 2
     batch_size: int = 16
+    # Stage 0, region-level pre-training of the vision tower with heads that are then discarded
+    # (`region_pretraining`): a miniature of Florence-2's own pre-training, which Florence-VL starts from. Without it
+    # the tower, trained only through the LLM, never learns to read the word (docs/florence-vl-tiny-notes.md).
+    stage0_steps: int = 4000
+    stage0_vision_lr: float = 3e-4
+    stage0_lr: float = 1e-3
     stage1_steps: int = 6000
     stage2_steps: int = 1600
     stage1_lr: float = 1e-3
     # From scratch, a vision tower trained from the first step keeps the random LLM from learning to read it:
     # count and colour losses stay at the prior through step 1200, while with the tower frozen they leave it by step
-    # 400 (docs/florence-vl-tiny-notes.md). So the tower starts later, at a lower rate.
-    stage1_vision_lr: float | None = 3e-4
+    # 400 (docs/florence-vl-tiny-notes.md). So the tower starts later, at a lower rate: after stage 0 a low one, the
+    # paper's stage-1 rate for Phi-3.5, so that the LLM's gradient refines the region features rather than washes
+    # them out.
+    stage1_vision_lr: float | None = 1e-4
     stage1_vision_start_step: int = 500
     stage2_lr: float = 1e-3
     # DaViT's own init (N(0, 0.02) for every conv and linear) suits pre-training at scale; from scratch its
@@ -115,12 +124,12 @@ class TinyRecipe:
     vision_init_std: float | None = 0.1
     # Start the DaViT's spatial mixers (window and channel attention outputs, depthwise convs) as identities: with them
     # trained from a random init the DaViT does not learn to read words, held or started at zero it does, at a vision
-    # rate of 3e-4 (docs/florence-vl-tiny-notes.md). Not yet measured end to end, so off by default.
-    vision_zero_mixers: bool = False
+    # rate of 3e-4 (docs/florence-vl-tiny-notes.md).
+    vision_zero_mixers: bool = True
     # Florence-2's 2-D position embeddings start at N(0, 0.02), against DaViT features that vary by ~1 between images
     # at each position, and stay there: the LLM gets no x and position stays at chance (docs/florence-vl-tiny-notes.md).
     # A scale: start the row and column embeddings as sin-cos tables of that amplitude instead. None: N(0, 0.02).
-    vision_position_init_scale: float | None = None
+    vision_position_init_scale: float | None = 3.0
     fusion: str = "channel"
     vision_feature_sources: list | None = None
     extra: dict = field(default_factory=dict)
@@ -238,9 +247,18 @@ class _Run:
         shutil.rmtree(self.checkpoints(stage), ignore_errors=True)
 
 
-def _train_stages(model, processor, recipe, train_dir, staging, run, checkpoint_steps, callbacks) -> dict:
+def _train_stages(model, processor, recipe, train_dir, test_dir, staging, run, checkpoint_steps, callbacks) -> dict:
     report = {"recipe": asdict(recipe), "threads": torch.get_num_threads(), "torch": torch.__version__}
     image_cache = ImageCache(recipe.train_images)  # 4.7 GB at the default 24 000 images of 128 px
+    if recipe.stage0_steps:
+        if run is not None and (finished := run.finished("stage0", model)) is not None:
+            report["stage0"] = finished
+        else:
+            report["stage0"] = pretrain_regions(model, processor, train_dir, recipe.stage0_steps, recipe.batch_size,
+                                                recipe.stage0_vision_lr, recipe.stage0_lr, recipe.seed, image_cache,
+                                                eval_dir=test_dir)  # fmt: skip
+            if run is not None:
+                run.finish("stage0", model, report["stage0"])
     stages = (
         ("stage1", train_dir / "captions.json", "pretrain", recipe.stage1_steps, recipe.stage1_lr,
          recipe.stage1_vision_lr, recipe.stage1_vision_start_step),
@@ -297,7 +315,8 @@ def train_tiny(
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.staging-", dir=output_dir.parent))
     run = _Run(work_dir, recipe) if checkpoint_steps else None
     try:
-        report = _train_stages(model, processor, recipe, train_dir, staging, run, checkpoint_steps, callbacks)
+        report = _train_stages(model, processor, recipe, train_dir, test_dir, staging, run, checkpoint_steps,
+                               callbacks)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
