@@ -170,6 +170,18 @@ class ImageCache:
             self.entries.popitem(last=False)
 
 
+def image_pixel_values(processor, path: Path, image_cache: ImageCache | None = None) -> torch.Tensor:
+    """`pixel_values` (1, 3, size, size) of the image file `path`, from `image_cache` when it holds them (keyed by the
+    resolved path). Raises ValueError when the file cannot be read as an image."""
+    key = str(Path(path).resolve())
+    if image_cache is not None and (cached := image_cache.get(key)) is not None:
+        return cached
+    pixel_values = processor.image_processor(processor.preprocess_images([path]), return_tensors="pt")["pixel_values"]
+    if image_cache is not None:
+        image_cache.put(key, pixel_values)
+    return pixel_values
+
+
 @dataclass
 class ConversationDataset(Dataset):
     """Tokenized, labelled LLaVA-format samples with their images as `pixel_values`.
@@ -235,17 +247,10 @@ class ConversationDataset(Dataset):
         return ids, labels
 
     def _pixel_values(self, sample, path: Path) -> torch.Tensor:
-        key = str(path.resolve())
-        if self.image_cache is not None and (cached := self.image_cache.get(key)) is not None:
-            return cached
         try:
-            images = self.processor.preprocess_images([path])
+            return image_pixel_values(self.processor, path, self.image_cache)
         except ValueError as error:
             raise SampleError(sample.get("id"), f"image {str(path)!r} could not be used: {error}") from None
-        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        if self.image_cache is not None:
-            self.image_cache.put(key, pixel_values)
-        return pixel_values
 
     def __getitem__(self, index: int) -> dict:
         for offset in range(len(self.samples)):

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ..shapes import COLORS, SHAPES, WORDS
-from .data import ImageCache
+from .data import ImageCache, image_pixel_values
 
 logger = logging.getLogger(__name__)
 
@@ -135,21 +134,13 @@ class _Scenes:
     def pixel_values(self, index: int) -> torch.Tensor | None:
         sample_id, image, _ = self.entries[index]
         path = self.folder / image
-        key = str(path.resolve())
-        if self.image_cache is not None and (cached := self.image_cache.get(key)) is not None:
-            return cached
         try:
-            with Image.open(path) as opened:
-                images = self.processor.preprocess_images([opened.convert("RGB")])
-        except (OSError, ValueError) as error:
+            return image_pixel_values(self.processor, path, self.image_cache)
+        except ValueError as error:
             if sample_id not in self.skipped:
                 self.skipped[sample_id] = str(error)
                 logger.warning("Skipping %s: image %s could not be used: %s", sample_id, path, error)
             return None
-        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        if self.image_cache is not None:
-            self.image_cache.put(key, pixel_values)
-        return pixel_values
 
 
 def pretrain_regions(
