@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from florence_vl_hf.build import build_random_model
@@ -34,3 +35,12 @@ def data_folder(tmp_path, shapes_image):
 def fresh_phi3():
     """A new tiny random model for tests that train it."""
     return build_random_model(tiny_config("phi3"), seed=0)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests that train: small models run faster, and results don't depend on the machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,12 +8,7 @@ from florence_vl_hf.training.region_pretraining import box_tokens, depth_tokens,
 from florence_vl_hf.training.shapes_recipe import tiny_shapes_config, zero_davit_mixers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_box_tokens_by_hand():

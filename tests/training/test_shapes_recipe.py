@@ -23,12 +23,7 @@ MICRO = dict(train_images=6, test_images=3, batch_size=4, stage0_steps=2, stage1
              stage1_vision_start_step=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tiny_architecture_fits_the_size_budget():
