@@ -246,7 +246,6 @@ def questions(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
     """
     kinds = Counter(s.kind for s in scene.shapes)
     colors = Counter(s.color for s in scene.shapes)
-    pairs = Counter((s.color, s.kind) for s in scene.shapes)
 
     out = [{"type": "count", "question": COUNT_QUESTION, "answer": str(len(scene.shapes))}]
     for kind in SHAPES:
@@ -259,20 +258,29 @@ def questions(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
             out.append({"type": "shape", "question": f"What shape is {color}?", "answer": shape.kind})
     out.append({"type": "text", "question": TEXT_QUESTION, "answer": scene.word if scene.word else NO_TEXT_ANSWER})
 
-    unique = [s for s in scene.shapes if pairs[(s.color, s.kind)] == 1]
-    for i, first in enumerate(unique):
-        for second in unique[i + 1 :]:
-            if abs(first.center[0] - second.center[0]) < POSITION_MIN_DX_FRACTION * scene.width:
-                continue
-            a, b = (second, first) if rng.random() < 0.5 else (first, second)
-            out.append(
-                {
-                    "type": "position",
-                    "question": f"Is the {a.color} {a.kind} left or right of the {b.color} {b.kind}?",
-                    "answer": "left" if a.center[0] < b.center[0] else "right",
-                }
-            )
+    for first, second in position_pairs(scene):
+        a, b = (second, first) if rng.random() < 0.5 else (first, second)
+        out.append(
+            {
+                "type": "position",
+                "question": f"Is the {a.color} {a.kind} left or right of the {b.color} {b.kind}?",
+                "answer": "left" if a.center[0] < b.center[0] else "right",
+            }
+        )
     return out
+
+
+def position_pairs(scene: Scene) -> list[tuple[Shape, Shape]]:
+    """The pairs a position question is asked about, in the scene's shape order: both (colour, shape) pairs occur
+    once and the box centres are at least POSITION_MIN_DX_FRACTION of the width apart in x."""
+    pairs = Counter((s.color, s.kind) for s in scene.shapes)
+    unique = [s for s in scene.shapes if pairs[(s.color, s.kind)] == 1]
+    return [
+        (first, second)
+        for i, first in enumerate(unique)
+        for second in unique[i + 1 :]
+        if abs(first.center[0] - second.center[0]) >= POSITION_MIN_DX_FRACTION * scene.width
+    ]
 
 
 def caption(scene: Scene) -> str:

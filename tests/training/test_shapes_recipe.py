@@ -1,19 +1,22 @@
 import json
 import math
+import re
 from dataclasses import asdict
 
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 
-from florence_vl_hf.shapes import QUESTION_TYPES
+from florence_vl_hf.shapes import QUESTION_TYPES, Scene, Shape
 from florence_vl_hf.training.ablations import VARIANTS, format_table, run_ablations
 from florence_vl_hf.build import build_random_model
 from florence_vl_hf.training import shapes_recipe
 from florence_vl_hf.training.shapes_recipe import (
     TinyRecipe,
+    further_left_questions,
     init_position_tables,
     reinit_davit,
+    stage2_data,
     tiny_shapes_config,
     train_tiny,
     zero_davit_mixers,
@@ -35,6 +38,38 @@ def test_tiny_architecture_fits_the_size_budget():
     parameters = sum(p.numel() for p in model.parameters())  # tied embeddings are counted once
     assert parameters * 2 <= 25e6
     assert config.num_image_tokens == 65 and config.text_config.vocab_size == 32064
+
+
+def test_further_left_questions_by_hand(tmp_path):
+    # W = 300: the red circle (x 50) and the blue circle (x 80) are too close for a position question, so they get
+    # no further-left question either.
+    scene = Scene(300, 240, 230, (
+        Shape("circle", "red", (220, 40, 40), (30, 10, 70, 50)),
+        Shape("square", "red", (220, 40, 40), (180, 10, 220, 50)),
+        Shape("circle", "blue", (40, 80, 220), (60, 120, 100, 160)),
+    ))  # fmt: skip
+    (tmp_path / "scenes.jsonl").write_text(json.dumps({"id": "x", "image": "images/x.png", "scene": scene.to_dict()}))
+    truth = {frozenset({"red circle", "red square"}): "the red circle",
+             frozenset({"red square", "blue circle"}): "the blue circle"}  # fmt: skip
+    orders = set()
+    for seed in range(8):
+        entries = further_left_questions(tmp_path, seed)
+        assert len({e["id"] for e in entries}) == 2 and {e["image"] for e in entries} == {"images/x.png"}
+        found = {}
+        for entry in entries:
+            human, gpt = entry["conversations"]
+            a, b = re.fullmatch(r"<image>\nWhich is further left, the (\w+ \w+) or the (\w+ \w+)\?",
+                                human["value"]).groups()  # fmt: skip
+            found[frozenset({a, b})] = gpt["value"]
+            orders.add((a, b))
+        assert found == truth
+        assert further_left_questions(tmp_path, seed) == entries
+    assert len(orders) == 4  # both naming orders of both pairs occur
+
+    instructions = [{"id": "x_q00", "image": "images/x.png", "conversations": []}]
+    (tmp_path / "instructions.json").write_text(json.dumps(instructions))
+    assert stage2_data(tmp_path, TinyRecipe()) == instructions + further_left_questions(tmp_path, 0)
+    assert stage2_data(tmp_path, TinyRecipe(stage2_further_left=False)) == instructions
 
 
 def test_reinit_davit_redraws_only_davit_conv_and_linear_weights():

@@ -9,6 +9,7 @@ held-out images and saves the model in bf16 with its evaluation report. Everythi
 import json
 import logging
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -21,9 +22,9 @@ from safetensors.torch import load_model, save_model
 from ..build import build_random_model, save_hub_folder
 from ..files import write_text_atomic
 from ..modeling import FlorenceVLConfig
-from ..shapes import make_shapes_data
+from ..shapes import Scene, make_shapes_data, position_pairs
 from .api import train, training_arguments
-from .data import ImageCache
+from .data import ImageCache, load_conversations
 from .evaluate import evaluate_shapes
 from .region_pretraining import pretrain_regions
 
@@ -117,6 +118,11 @@ class TinyRecipe:
     stage1_vision_lr: float | None = 1e-4
     stage1_vision_start_step: int = 500
     stage2_lr: float = 1e-3
+    # Add "Which is further left, the {a} or the {b}?" for every position pair (`further_left_questions`) to stage 2.
+    # The position question is an XOR of the naming order and the two x: neither alone says anything about the answer,
+    # and from a random or a trained LLM it stays at chance. The further-left question needs no naming order, is
+    # learnt, and then position is learnt too (docs/florence-vl-tiny-notes.md, "Position: the further-left question").
+    stage2_further_left: bool = True
     # DaViT's own init (N(0, 0.02) for every conv and linear) suits pre-training at scale; from scratch its
     # near-identity residual blocks learn slowly. With N(0, 0.1) a DaViT probe supervised on counts leaves the prior
     # in ~150 steps instead of ~600; end to end the gain is small so far (docs/florence-vl-tiny-notes.md).
@@ -181,6 +187,34 @@ def make_data(work_dir, recipe: TinyRecipe) -> tuple[Path, Path]:
             make_shapes_data(folder, count, seed=seed, split_name=name, overwrite=True)
         splits.append(folder)
     return splits[0], splits[1]
+
+
+def further_left_questions(data_dir, seed: int) -> list[dict]:
+    """Stage-2 instructions beyond ShapesVQA: "Which is further left, the {a} or the {b}?", answered "the {color}
+    {shape}", for every pair a position question is asked about, the pair named in an order drawn from `seed`.
+    LLaVA-format entries built from `data_dir`'s scenes.jsonl."""
+    rng = random.Random(seed)
+    entries = []
+    with open(Path(data_dir) / "scenes.jsonl") as lines:
+        for line in lines:
+            row = json.loads(line)
+            for k, pair in enumerate(position_pairs(Scene.from_dict(row["scene"]))):
+                leftmost = min(pair, key=lambda shape: shape.center[0])
+                a, b = pair if rng.random() < 0.5 else pair[::-1]
+                question = f"Which is further left, the {a.color} {a.kind} or the {b.color} {b.kind}?"
+                entries.append({
+                    "id": f"{row['id']}_further_left_{k}",
+                    "image": row["image"],
+                    "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                      {"from": "gpt", "value": f"the {leftmost.color} {leftmost.kind}"}],
+                })  # fmt: skip
+    return entries
+
+
+def stage2_data(train_dir, recipe: TinyRecipe) -> list[dict]:
+    """Stage 2's instructions: ShapesVQA's, and the further-left questions unless the recipe turns them off."""
+    extra = further_left_questions(train_dir, recipe.seed) if recipe.stage2_further_left else []
+    return load_conversations(Path(train_dir) / "instructions.json") + extra
 
 
 def _stage(model, processor, data, folder, stage, steps, lr, recipe, checkpoints, image_cache, vision_lr=None,
@@ -262,7 +296,7 @@ def _train_stages(model, processor, recipe, train_dir, test_dir, staging, run, c
     stages = (
         ("stage1", train_dir / "captions.json", "pretrain", recipe.stage1_steps, recipe.stage1_lr,
          recipe.stage1_vision_lr, recipe.stage1_vision_start_step),
-        ("stage2", train_dir / "instructions.json", "finetune", recipe.stage2_steps, recipe.stage2_lr, None, 0),
+        ("stage2", stage2_data(train_dir, recipe), "finetune", recipe.stage2_steps, recipe.stage2_lr, None, 0),
     )  # fmt: skip
     for name, data, stage, steps, lr, vision_lr, vision_start in stages:
         if run is not None and (finished := run.finished(name, model)) is not None:
