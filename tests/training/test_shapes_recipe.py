@@ -198,6 +198,9 @@ def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_p
                    callbacks=[_Interrupt(stage_steps, at_step=2)])  # fmt: skip
     run = tmp_path / "work" / "train-tiny-run"
     assert (run / "stage0.json").is_file() and (run / "stage1.json").is_file() == (stage_steps == 4)
+    # a finished stage's Trainer checkpoints are removed, the interrupted stage's kept
+    assert sorted(p.name for p in run.glob("checkpoints-*")) == ["checkpoints-stage2" if stage_steps == 4
+                                                                  else "checkpoints-stage1"]  # fmt: skip
     assert not (tmp_path / "resumed").exists() and not list(tmp_path.glob(".resumed.staging-*"))
     with pytest.raises(ValueError, match="another recipe .*stage2_steps"):
         train_tiny(tmp_path / "other", tmp_path / "work", TinyRecipe(**{**asdict(recipe), "stage2_steps": 5}),

@@ -302,7 +302,7 @@ def _train_stages(model, processor, recipe, train_dir, test_dir, staging, run, c
         if run is not None and (finished := run.finished(name, model)) is not None:
             report[name] = finished
             continue
-        checkpoints = run.checkpoints(stage) if run is not None else staging / f"checkpoints-{stage}"
+        checkpoints = run.checkpoints(name) if run is not None else staging / f"checkpoints-{stage}"
         report[name] = _stage(model, processor, data, train_dir, stage, steps, lr, recipe, checkpoints, image_cache,
                               vision_lr, vision_start, checkpoint_steps, callbacks)  # fmt: skip
         if run is not None:
