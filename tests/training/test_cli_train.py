@@ -96,3 +96,21 @@ def test_train_tiny_with_checkpoints_trains_saves_and_refuses_a_changed_recipe(t
     assert code == 1 and "another recipe (differs in stage1_steps)" in captured.err
     code, captured = run(["train-tiny", str(tmp_path / "model"), *work, *steps], capsys)
     assert code == 1 and "not empty" in captured.err
+
+
+def test_ablations_command_uses_the_shorter_stages_unless_told(tmp_path, capsys, monkeypatch):
+    from florence_vl_hf.training import ablations
+
+    recipes = []
+
+    def fake_sweep(output_dir, seeds, variants, recipe):
+        recipes.append(recipe)
+        return {"rows": []}
+
+    monkeypatch.setattr(ablations, "run_ablations", fake_sweep)
+    code, captured = run(["ablations", str(tmp_path), "--seeds", "0"], capsys)
+    assert code == 0, captured.err
+    code, captured = run(["ablations", str(tmp_path), "--stage2-steps", "7"], capsys)
+    assert code == 0, captured.err
+    assert (recipes[0].stage1_steps, recipes[0].stage2_steps) == (1000, 1500)
+    assert (recipes[1].stage1_steps, recipes[1].stage2_steps, recipes[1].stage0_steps) == (1000, 7, 4000)

@@ -164,9 +164,39 @@ def test_same_seed_same_weights(tmp_path):
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_ablation_sweep_writes_a_table_and_resumes(tmp_path):
+def test_a_cached_stage0_gives_the_weights_of_a_run_that_trains_it(tmp_path, monkeypatch):
+    recipe = TinyRecipe(**MICRO)
+    train_tiny(tmp_path / "straight", tmp_path / "work", recipe)
+    train_tiny(tmp_path / "first", tmp_path / "work", recipe, stage0_cache=tmp_path / "stage0")
+    assert sorted(p.name for p in (tmp_path / "stage0").iterdir()) == ["stage0.json", "stage0.safetensors"]
+
+    def no_stage0(*args, **kwargs):
+        raise AssertionError("stage 0 ran again")
+
+    monkeypatch.setattr(shapes_recipe, "pretrain_regions", no_stage0)
+    report = train_tiny(tmp_path / "cached", tmp_path / "work", recipe, stage0_cache=tmp_path / "stage0")
+    straight = json.loads((tmp_path / "straight" / "training_report.json").read_text())
+    assert report["stage0"]["losses"] == straight["stage0"]["losses"]
+    assert report["stage1"]["losses"] == straight["stage1"]["losses"]
+    a = AutoModelForImageTextToText.from_pretrained(tmp_path / "straight").state_dict()
+    b = AutoModelForImageTextToText.from_pretrained(tmp_path / "cached").state_dict()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    # another variant starts from the same tower; another stage-0 recipe is refused
+    train_tiny(tmp_path / "token", tmp_path / "work", TinyRecipe(**MICRO, fusion="token"),
+               stage0_cache=tmp_path / "stage0")  # fmt: skip
+    with pytest.raises(ValueError, match="stage 0 of another recipe"):
+        train_tiny(tmp_path / "other", tmp_path / "work", TinyRecipe(**{**MICRO, "stage0_lr": 5e-4}),
+                   stage0_cache=tmp_path / "stage0")  # fmt: skip
+
+
+def test_ablation_sweep_writes_a_table_and_resumes(tmp_path, monkeypatch):
     variants = ["token (all)", "depth only"]
+    stage0_calls = []
+    pretrain_regions = shapes_recipe.pretrain_regions
+    monkeypatch.setattr(shapes_recipe, "pretrain_regions",
+                        lambda *args, **kwargs: stage0_calls.append(1) or pretrain_regions(*args, **kwargs))
     table = run_ablations(tmp_path, seeds=[0], variants=variants, recipe=TinyRecipe(**MICRO), log=lambda _: None)
+    assert len(stage0_calls) == 1  # one stage 0 per seed, shared by the variants
     rows = {row["variant"]: row for row in table["rows"]}
     assert rows["token (all)"]["image_tokens"] == 4 * rows["depth only"]["image_tokens"]
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
@@ -175,6 +205,8 @@ def test_ablation_sweep_writes_a_table_and_resumes(tmp_path):
     again = run_ablations(tmp_path, seeds=[0], variants=variants, recipe=TinyRecipe(**MICRO),
                           log=lambda line: pytest.fail(f"retrained: {line}"))  # fmt: skip
     assert format_table(again) == format_table(table)
+    with pytest.raises(ValueError, match="sweep of another recipe"):
+        run_ablations(tmp_path, seeds=[0], variants=variants, recipe=TinyRecipe(**{**MICRO, "stage2_steps": 3}))
     with pytest.raises(ValueError, match="Unknown variants"):
         run_ablations(tmp_path, variants=["nope"])
     assert set(VARIANTS) >= set(variants)

@@ -2,7 +2,7 @@
 
 import json
 import tempfile
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..files import write_text_atomic
@@ -17,35 +17,48 @@ VARIANTS = {
     "depth only": ("channel", ["depth"]),
     "breadth only": ("channel", ["caption", "ocr", "grounding"]),
 }
+_VARIANT_FIELDS = ("fusion", "vision_feature_sources")
+
+
+# The sweep's default: florence-vl-tiny's recipe with shorter stages 1 and 2 (15 trainings on a CPU). Stage 0 trains
+# only the vision tower, which every variant shares, so it runs once per seed and every variant starts from its tower,
+# as the paper's variants all start from one pre-trained Florence-2.
+ABLATION_STEPS = {"stage1_steps": 1000, "stage2_steps": 1500}
 
 
 def run_ablations(output_dir, seeds=(0, 1, 2), variants=None, recipe: TinyRecipe | None = None, log=print) -> dict:
-    """Train every variant with every seed (same data, steps and learning rates), evaluate each on the same
-    held-out split, and write `ablations.json` and `ablations.md` (mean accuracy per question type) to
-    `output_dir`. Finished runs are kept in `runs.jsonl`, so an interrupted sweep resumes where it stopped."""
+    """Train every variant with every seed (same data, steps and learning rates; one stage 0 per seed), evaluate
+    each on the same held-out split, and write `ablations.json` and `ablations.md` (mean accuracy per question type
+    over the finished runs, rewritten after each) to `output_dir`. Seeds are the outer loop, so a partial sweep has
+    every variant. Finished runs are kept in `runs.jsonl`, so an interrupted sweep resumes where it stopped."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    recipe = recipe or TinyRecipe()
+    recipe = recipe or TinyRecipe(**ABLATION_STEPS)
     names = list(variants or VARIANTS)
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         raise ValueError(f"Unknown variants {unknown}; choose from {list(VARIANTS)}")
+    shared = json.loads(json.dumps({k: v for k, v in asdict(recipe).items() if k not in ("seed", *_VARIANT_FIELDS)}))
+    recipe_path = output_dir / "recipe.json"
+    if recipe_path.is_file() and json.loads(recipe_path.read_text()) != shared:
+        raise ValueError(f"{output_dir} holds a sweep of another recipe ({recipe_path}); use another output_dir")
+    write_text_atomic(recipe_path, json.dumps(shared, indent=1) + "\n")
     runs_path = output_dir / "runs.jsonl"
     done = {}
     if runs_path.is_file():
         for line in runs_path.read_text().splitlines():
             run = json.loads(line)
             done[(run["variant"], run["seed"])] = run
-    data_dir = output_dir / "data"
-    for name in names:
-        fusion, sources = VARIANTS[name]
-        for seed in seeds:
+    for seed in seeds:
+        for name in names:
             if (name, seed) in done:
                 continue
             log(f"training {name!r} seed {seed}")
+            fusion, sources = VARIANTS[name]
             variant = replace(recipe, seed=seed, fusion=fusion, vision_feature_sources=sources)
             with tempfile.TemporaryDirectory(dir=output_dir) as scratch:
-                report = train_tiny(Path(scratch) / "model", data_dir, variant, save=False)
+                report = train_tiny(Path(scratch) / "model", output_dir / "data", variant, save=False,
+                                    stage0_cache=output_dir / f"stage0-seed{seed}")  # fmt: skip
             run = {"variant": name, "seed": seed, "image_tokens": report["num_image_tokens"],
                    "accuracy": report["evaluation"]["accuracy"],
                    "per_type": {k: v["accuracy"] for k, v in report["evaluation"]["per_type"].items()},
@@ -53,7 +66,13 @@ def run_ablations(output_dir, seeds=(0, 1, 2), variants=None, recipe: TinyRecipe
             with runs_path.open("a") as handle:
                 handle.write(json.dumps(run) + "\n")
             done[(name, seed)] = run
-    table = summarize([done[(name, seed)] for name in names for seed in seeds], recipe)
+            _write_tables(output_dir, done, names, seeds, recipe)
+    return _write_tables(output_dir, done, names, seeds, recipe)
+
+
+
+def _write_tables(output_dir, done, names, seeds, recipe) -> dict:
+    table = summarize([done[(name, seed)] for name in names for seed in seeds if (name, seed) in done], recipe)
     write_text_atomic(output_dir / "ablations.json", json.dumps(table, indent=2) + "\n")
     write_text_atomic(output_dir / "ablations.md", format_table(table) + "\n")
     return table
@@ -71,7 +90,7 @@ def summarize(runs: list, recipe: TinyRecipe) -> dict:
         row["accuracy"] = sum(r["accuracy"] for r in row["runs"]) / n
         row["per_type"] = {t: sum(r["per_type"][t] for r in row["runs"]) / n for t in QUESTION_TYPES}
         row["accuracy_range"] = [min(r["accuracy"] for r in row["runs"]), max(r["accuracy"] for r in row["runs"])]
-    return {"recipe": {k: v for k, v in vars(recipe).items() if k not in ("fusion", "vision_feature_sources")},
+    return {"recipe": {k: v for k, v in vars(recipe).items() if k not in _VARIANT_FIELDS},
             "rows": list(rows.values())}  # fmt: skip
 
 

@@ -197,8 +197,8 @@ def add_tiny_parsers(commands) -> None:
     ablations.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ablations.add_argument("--variants", nargs="+", help="default: all five")
     ablations.add_argument("--stage0-steps", type=int)
-    ablations.add_argument("--stage1-steps", type=int)
-    ablations.add_argument("--stage2-steps", type=int)
+    ablations.add_argument("--stage1-steps", type=int, help="default: 1000 (ablations.ABLATION_STEPS)")
+    ablations.add_argument("--stage2-steps", type=int, help="default: 1500 (ablations.ABLATION_STEPS)")
     ablations.add_argument("--train-images", type=int)
     ablations.add_argument("--test-images", type=int)
     ablations.set_defaults(handler=run_ablations_command)
@@ -235,14 +235,14 @@ def run_train_tiny(args) -> int:
 
 
 def run_ablations_command(args) -> int:
-    from .ablations import format_table, run_ablations
+    from .ablations import ABLATION_STEPS, format_table, run_ablations
     from .shapes_recipe import TinyRecipe
 
     logging.basicConfig(level=logging.WARNING)
     values = {"stage0_steps": args.stage0_steps, "stage1_steps": args.stage1_steps,
               "stage2_steps": args.stage2_steps,
               "train_images": args.train_images, "test_images": args.test_images}  # fmt: skip
-    recipe = TinyRecipe(**{key: value for key, value in values.items() if value is not None})
+    recipe = TinyRecipe(**{**ABLATION_STEPS, **{key: value for key, value in values.items() if value is not None}})
     try:
         table = run_ablations(args.output_dir, args.seeds, args.variants, recipe)
     except ValueError as error:

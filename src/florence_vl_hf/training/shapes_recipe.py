@@ -281,16 +281,42 @@ class _Run:
         shutil.rmtree(self.checkpoints(stage), ignore_errors=True)
 
 
-def _train_stages(model, processor, recipe, train_dir, test_dir, staging, run, checkpoint_steps, callbacks) -> dict:
+# The recipe fields stage 0 depends on: a stage-0 tower cached under these can start any fusion or feature variant.
+STAGE0_FIELDS = ("seed", "train_images", "test_images", "data_seed", "test_seed", "batch_size", "stage0_steps",
+                 "stage0_vision_lr", "stage0_lr", "vision_init_std", "vision_zero_mixers",
+                 "vision_position_init_scale")  # fmt: skip
+
+
+def _stage0(model, processor, recipe, train_dir, test_dir, image_cache, cache) -> dict:
+    """Stage 0, or its vision tower and report from `cache` (a folder) when an earlier call left them there."""
+    tower = model.model.vision_tower
+    fields = {key: getattr(recipe, key) for key in STAGE0_FIELDS}
+    if cache is not None and (Path(cache) / "stage0.json").is_file():
+        cached = json.loads((Path(cache) / "stage0.json").read_text())
+        if cached["recipe"] != json.loads(json.dumps(fields)):
+            raise ValueError(f"{cache} holds the stage 0 of another recipe: {cached['recipe']}")
+        load_model(tower, Path(cache) / "stage0.safetensors")
+        return cached["report"]
+    report = pretrain_regions(model, processor, train_dir, recipe.stage0_steps, recipe.batch_size,
+                              recipe.stage0_vision_lr, recipe.stage0_lr, recipe.seed, image_cache, eval_dir=test_dir)
+    if cache is not None:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        weights = Path(cache) / "stage0.safetensors"
+        save_model(tower, str(weights) + ".partial")
+        os.replace(str(weights) + ".partial", weights)
+        write_text_atomic(Path(cache) / "stage0.json", json.dumps({"recipe": fields, "report": report}))
+    return report
+
+
+def _train_stages(model, processor, recipe, train_dir, test_dir, staging, run, checkpoint_steps, callbacks,
+                  stage0_cache) -> dict:
     report = {"recipe": asdict(recipe), "threads": torch.get_num_threads(), "torch": torch.__version__}
     image_cache = ImageCache(recipe.train_images)  # 4.7 GB at the default 24 000 images of 128 px
     if recipe.stage0_steps:
         if run is not None and (finished := run.finished("stage0", model)) is not None:
             report["stage0"] = finished
         else:
-            report["stage0"] = pretrain_regions(model, processor, train_dir, recipe.stage0_steps, recipe.batch_size,
-                                                recipe.stage0_vision_lr, recipe.stage0_lr, recipe.seed, image_cache,
-                                                eval_dir=test_dir)  # fmt: skip
+            report["stage0"] = _stage0(model, processor, recipe, train_dir, test_dir, image_cache, stage0_cache)
             if run is not None:
                 run.finish("stage0", model, report["stage0"])
     stages = (
@@ -318,6 +344,7 @@ def train_tiny(
     save: bool = True,
     checkpoint_steps: int | None = None,
     callbacks=None,
+    stage0_cache=None,
 ) -> dict:
     """Run the recipe and save the bf16 model, its processor and `training_report.json` to `output_dir`
     (`save=False`: only return the report).
@@ -326,6 +353,8 @@ def train_tiny(
     finished stage's weights; calling again with the same `work_dir` and recipe resumes where the last call
     stopped, to the same weights as an uninterrupted run. The run folder is removed once the model is saved.
     `callbacks`: TrainerCallbacks for both stages.
+    `stage0_cache`: a folder for the vision tower after stage 0. If an earlier call left it there (for the same
+    `STAGE0_FIELDS` of the recipe), stage 0 is not run again: fusion and feature variants start from one tower.
     """
     recipe = recipe or TinyRecipe()
     output_dir = Path(output_dir)
@@ -350,7 +379,7 @@ def train_tiny(
     run = _Run(work_dir, recipe) if checkpoint_steps else None
     try:
         report = _train_stages(model, processor, recipe, train_dir, test_dir, staging, run, checkpoint_steps,
-                               callbacks)
+                               callbacks, stage0_cache)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
