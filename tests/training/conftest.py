@@ -7,6 +7,10 @@ from PIL import Image
 from florence_vl_hf.build import build_random_model
 from florence_vl_hf.tiny import tiny_config
 
+# florence-vl-tiny's recipe at a few images and steps, for tests that run it
+MICRO = dict(train_images=6, test_images=3, batch_size=4, stage0_steps=2, stage1_steps=2, stage2_steps=2,
+             stage1_vision_start_step=1)
+
 
 def write_samples(folder, samples):
     path = folder / "data.json"

@@ -5,6 +5,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from conftest import MICRO
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 
 from florence_vl_hf.shapes import QUESTION_TYPES, Scene, Shape
@@ -22,8 +23,6 @@ from florence_vl_hf.training.shapes_recipe import (
     zero_davit_mixers,
 )
 
-MICRO = dict(train_images=6, test_images=3, batch_size=4, stage0_steps=2, stage1_steps=2, stage2_steps=2,
-             stage1_vision_start_step=1)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

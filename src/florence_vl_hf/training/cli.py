@@ -187,8 +187,19 @@ def add_tiny_parsers(commands) -> None:
         type=int,
         help="checkpoint every N steps under --work-dir; the same command again resumes an interrupted run",
     )
+    tiny.add_argument("--threads", type=int, help="torch threads (the bundled model: 1; results depend on it)")
     tiny.add_argument("--overwrite", action="store_true")
     tiny.set_defaults(handler=run_train_tiny)
+
+    bundle = commands.add_parser(
+        "bundle-tiny", help="ship a train-tiny output as the package's florence-vl-tiny, or --check it against that"
+    )
+    bundle.add_argument("model_dir")
+    bundle.add_argument("--target", help="default: the package's florence_vl_tiny folder")
+    bundle.add_argument("--check", action="store_true",
+                        help="only compare the weights with the bundled model's; exit 1 if any tensor differs")
+    bundle.add_argument("--hardware", help="for the model card (default: what the training report recorded)")
+    bundle.set_defaults(handler=run_bundle_tiny)
 
     ablations = commands.add_parser(
         "ablations", help="fusion (channel/token/average) and feature (depth/breadth/all) ablations of florence-vl-tiny"
@@ -221,6 +232,10 @@ def run_train_tiny(args) -> int:
               "train_images": args.train_images, "test_images": args.test_images, "fusion": args.fusion,
               "vision_feature_sources": args.features}  # fmt: skip
     recipe = TinyRecipe(**{key: value for key, value in values.items() if value is not None})
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         report = train_tiny(args.output_dir, args.work_dir, recipe, overwrite=args.overwrite,
                             checkpoint_steps=args.checkpoint_steps)
@@ -231,6 +246,28 @@ def run_train_tiny(args) -> int:
     stage0 = f"stage 0 {report['stage0']['seconds']:.0f}s, " if "stage0" in report else ""
     print(f"{stage0}stage 1 {report['stage1']['seconds']:.0f}s, stage 2 {report['stage2']['seconds']:.0f}s; "
           f"saved to {args.output_dir}")  # fmt: skip
+    return 0
+
+
+def run_bundle_tiny(args) -> int:
+    from .bundle import bundle_tiny, default_bundle_dir, different_tensors
+
+    if args.check:
+        bundled = Path(args.target or default_bundle_dir())
+        try:
+            differ = different_tensors(args.model_dir, bundled)
+        except FileNotFoundError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        listed = f": {', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}" if differ else ""
+        print(f"{len(differ)} tensors differ between {args.model_dir} and {bundled}{listed}")
+        return 1 if differ else 0
+    try:
+        target = bundle_tiny(args.model_dir, args.target, args.hardware)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"bundled {args.model_dir} as {target}")
     return 0
 
 
