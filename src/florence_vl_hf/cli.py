@@ -34,7 +34,8 @@ def _demo_tiny(args) -> int:
     assets = asset_dir("phi-3.5-mini-instruct").parent
     example = json.loads((assets / "shapes_vqa_example.json").read_text())
     questions = [{"question": args.question, "answer": None}] if args.question else example["questions"]
-    image = PIL.Image.open(args.image or assets / "shapes_vqa_example.png").convert("RGB")
+    image_path = Path(args.image or assets / "shapes_vqa_example.png")
+    image = PIL.Image.open(image_path).convert("RGB")
     try:
         folder = tiny_model_dir()
     except FileNotFoundError as error:
@@ -44,7 +45,7 @@ def _demo_tiny(args) -> int:
     size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     print(f"florence_vl_hf {__version__}: florence-vl-tiny ({pipe.model.num_parameters() / 1e6:.1f}M parameters, "
           f"{size / 1e6:.1f} MB bf16, trained on ShapesVQA by the two-stage recipe) from {folder}")  # fmt: skip
-    print(f"pipeline('image-text-to-text') on {Path(image.filename or 'shapes_vqa_example.png').name}:")
+    print(f"pipeline('image-text-to-text') on {image_path.name}:")
     for item in questions:
         messages = [{"role": "user", "content": [{"type": "image", "image": image},
                                                  {"type": "text", "text": item["question"]}]}]  # fmt: skip
