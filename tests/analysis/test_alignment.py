@@ -229,3 +229,21 @@ def test_alignment_command(tmp_path, tiny_phi3, capsys):
     texts = [sample["conversations"][-1]["value"] for sample in captions]
     api = run_alignment(*tiny_phi3, images, texts, ["all"], steps=20, batch_size=8, seed=1)
     assert api["all"] == pytest.approx(report["curves"]["all"], abs=1e-5)
+
+
+def test_distinct_captions_keep_the_first_pair_of_each_caption(tmp_path):
+    from florence_vl_hf.analysis.cli import load_caption_pairs
+
+    def sample(i, caption):
+        return {"id": str(i), "image": f"{i}.png",
+                "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": caption}]}
+
+    captions = ["a red circle", "a blue square", "a red circle", "a green triangle", "a blue square"]
+    (tmp_path / "c.json").write_text(json.dumps([sample(i, c) for i, c in enumerate(captions)]))
+    paths, texts, skipped = load_caption_pairs(tmp_path / "c.json", distinct_captions=True)
+    assert [p.name for p in paths] == ["0.png", "1.png", "3.png"] and skipped == 2
+    assert texts == ["a red circle", "a blue square", "a green triangle"]
+    paths, texts, skipped = load_caption_pairs(tmp_path / "c.json", num_pairs=2, distinct_captions=True)
+    assert texts == ["a red circle", "a blue square"]
+    paths, texts, skipped = load_caption_pairs(tmp_path / "c.json")
+    assert texts == captions and skipped == 0

@@ -34,6 +34,8 @@ def add_alignment_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=1000, help="training steps of P per subset (default 1000)")
     parser.add_argument("--batch-size", type=int, default=64, help="pairs per step (default 64)")
     parser.add_argument("--num-pairs", type=int, help="use the first N pairs of the file (default: all)")
+    parser.add_argument("--distinct-captions", action="store_true",
+                        help="keep only the first pair of each caption (synthetic data repeats captions)")
     parser.add_argument("--seed", type=int, default=0, help="seed of P's initialisation and of the batches")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
@@ -48,13 +50,16 @@ def add_alignment_parser(commands) -> argparse.ArgumentParser:
     return parser
 
 
-def load_caption_pairs(data, image_folder=None, num_pairs=None) -> tuple[list[Path], list[str], int]:
+def load_caption_pairs(data, image_folder=None, num_pairs=None, distinct_captions=False
+                       ) -> tuple[list[Path], list[str], int]:  # fmt: skip
     """(image paths, captions, number of samples skipped) from a LLaVA-format file: every sample with one image
-    and a gpt turn, the caption being its last gpt turn; the first ``num_pairs`` of them when given."""
+    and a gpt turn, the caption being its last gpt turn; the first ``num_pairs`` of them when given.
+    ``distinct_captions``: only the first sample of each caption (a repeated caption in a batch is a second right
+    answer that the contrastive loss counts as wrong); the others are counted as skipped."""
     from ..training.data import load_conversations
 
     folder = Path(image_folder) if image_folder else Path(data).parent
-    paths, captions, skipped = [], [], 0
+    paths, captions, skipped, seen = [], [], 0, set()
     for sample in load_conversations(data):
         image = sample.get("image")
         if isinstance(image, list) and len(image) == 1:
@@ -63,6 +68,10 @@ def load_caption_pairs(data, image_folder=None, num_pairs=None) -> tuple[list[Pa
         if not isinstance(image, str) or not turns or not isinstance(turns[-1], str) or not turns[-1].strip():
             skipped += 1
             continue
+        if distinct_captions and turns[-1].strip() in seen:
+            skipped += 1
+            continue
+        seen.add(turns[-1].strip())
         paths.append(folder / image)
         captions.append(turns[-1].strip())
         if num_pairs is not None and len(paths) == num_pairs:
@@ -93,7 +102,8 @@ def run_alignment_command(args) -> int:
         print("error: need --steps >= 1, --batch-size >= 2 and --num-pairs >= 2", file=sys.stderr)
         return 2
     try:
-        paths, captions, skipped = load_caption_pairs(args.data, args.image_folder, args.num_pairs)
+        paths, captions, skipped = load_caption_pairs(args.data, args.image_folder, args.num_pairs,
+                                                      args.distinct_captions)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -116,7 +126,7 @@ def run_alignment_command(args) -> int:
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=getattr(torch, dtype)).to(device).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     print(f"loaded {args.model} ({dtype} on {device}); {len(paths)} image-caption pairs from {args.data}"
-          + (f" ({skipped} samples without an image or caption skipped)" if skipped else ""))  # fmt: skip
+          + (f" ({skipped} samples skipped: no image or caption, or a repeated caption)" if skipped else ""))  # fmt: skip
     last = [time.perf_counter()]
 
     def progress(line: str) -> None:  # at most one line every 30 s
@@ -162,7 +172,8 @@ def run_alignment_command(args) -> int:
             "feature_names": list(features.names),
             "settings": {"steps": args.steps, "batch_size": batch, "lr": args.lr, "weight_decay": args.weight_decay,
                          "temperature": args.temperature, "seed": args.seed, "optimizer": "AdamW",
-                         "projection": "linear (with bias)", "dtype": dtype},
+                         "projection": "linear (with bias)", "dtype": dtype,
+                         "distinct_captions": args.distinct_captions},
             "subsets": {name: list(subset) for name, subset in subsets.items()},
             "final_loss": {name: final_loss(losses) for name, losses in curves.items()},
             "curves": curves,
