@@ -65,10 +65,14 @@ def test_further_left_questions_by_hand(tmp_path):
         assert further_left_questions(tmp_path, seed) == entries
     assert len(orders) == 4  # both naming orders of both pairs occur
 
-    instructions = [{"id": "x_q00", "image": "images/x.png", "conversations": []}]
-    (tmp_path / "instructions.json").write_text(json.dumps(instructions))
-    assert stage2_data(tmp_path, TinyRecipe()) == instructions + further_left_questions(tmp_path, 0)
-    assert stage2_data(tmp_path, TinyRecipe(stage2_further_left=False)) == instructions
+    count, position = ({"id": f"x_q0{i}", "image": "images/x.png", "type": kind, "conversations": []}
+                       for i, kind in enumerate(("count", "position")))  # fmt: skip
+    (tmp_path / "instructions.json").write_text(json.dumps([position, count]))
+    further = further_left_questions(tmp_path, 0)
+    assert stage2_data(tmp_path, TinyRecipe()) == [position, count, *further]
+    assert stage2_data(tmp_path, TinyRecipe(stage2_further_left=False)) == [position, count]
+    repeated = stage2_data(tmp_path, TinyRecipe(stage2_position_repeats=3))
+    assert repeated == [position, count, *further, *[position, *further] * 2]
 
 
 def test_reinit_davit_redraws_only_davit_conv_and_linear_weights():

@@ -124,6 +124,9 @@ class TinyRecipe:
     # and from a random or a trained LLM it stays at chance. The further-left question needs no naming order, is
     # learnt, and then position is learnt too (docs/florence-vl-tiny-notes.md, "Position: the further-left question").
     stage2_further_left: bool = True
+    # Position and further-left questions are 27% of stage 2's data; this many copies of each of them (1: none). In
+    # the probe that learnt position they were the whole mix, half and half (docs/florence-vl-tiny-notes.md).
+    stage2_position_repeats: int = 1
     # DaViT's own init (N(0, 0.02) for every conv and linear) suits pre-training at scale; from scratch its
     # near-identity residual blocks learn slowly. With N(0, 0.1) a DaViT probe supervised on counts leaves the prior
     # in ~150 steps instead of ~600; end to end the gain is small so far (docs/florence-vl-tiny-notes.md).
@@ -213,9 +216,12 @@ def further_left_questions(data_dir, seed: int) -> list[dict]:
 
 
 def stage2_data(train_dir, recipe: TinyRecipe) -> list[dict]:
-    """Stage 2's instructions: ShapesVQA's, and the further-left questions unless the recipe turns them off."""
+    """Stage 2's instructions: ShapesVQA's, and the further-left questions unless the recipe turns them off; the
+    position and further-left questions `recipe.stage2_position_repeats` times each."""
     extra = further_left_questions(train_dir, recipe.seed) if recipe.stage2_further_left else []
-    return load_conversations(Path(train_dir) / "instructions.json") + extra
+    instructions = load_conversations(Path(train_dir) / "instructions.json")
+    position = [entry for entry in instructions if entry.get("type") == "position"] + extra
+    return instructions + extra + position * (recipe.stage2_position_repeats - 1)
 
 
 def _stage(model, processor, data, folder, stage, steps, lr, recipe, checkpoints, image_cache, vision_lr=None,
