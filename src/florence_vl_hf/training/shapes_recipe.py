@@ -109,7 +109,7 @@ class TinyRecipe:
     stage0_vision_lr: float = 3e-4
     stage0_lr: float = 1e-3
     stage1_steps: int = 6000
-    stage2_steps: int = 1600
+    stage2_steps: int = 15000
     stage1_lr: float = 1e-3
     # From scratch, a vision tower trained from the first step keeps the random LLM from learning to read it:
     # count and colour losses stay at the prior through step 1200, while with the tower frozen they leave it by step
