@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: build, save Hub-ready, reload with trust_remote_code, run the pipeline.
+# The main job: the bundled florence-vl-tiny answers questions about a ShapesVQA image through
+# pipeline("image-text-to-text"). Arguments pass through (--image PATH, --question TEXT).
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-exec "$VENV/bin/florence-vl" demo --output-dir "${1:-$ROOT/demo-output}" --overwrite
+exec "$VENV/bin/florence-vl" demo-tiny "$@"

@@ -44,7 +44,7 @@ def _demo_tiny(args) -> int:
     pipe = pipeline("image-text-to-text", model=str(folder))
     size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     print(f"florence_vl_hf {__version__}: florence-vl-tiny ({pipe.model.num_parameters() / 1e6:.1f}M parameters, "
-          f"{size / 1e6:.1f} MB bf16, trained on ShapesVQA by the two-stage recipe) from {folder}")  # fmt: skip
+          f"{size / 1e6:.1f} MB bf16, trained from scratch on ShapesVQA) from {folder}")  # fmt: skip
     print(f"pipeline('image-text-to-text') on {image_path.name}:")
     for item in questions:
         messages = [{"role": "user", "content": [{"type": "image", "image": image},
