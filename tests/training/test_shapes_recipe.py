@@ -1,7 +1,7 @@
 import json
 import math
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -69,8 +69,9 @@ def test_further_left_questions_by_hand(tmp_path):
                        for i, kind in enumerate(("count", "position")))  # fmt: skip
     (tmp_path / "instructions.json").write_text(json.dumps([position, count]))
     further = further_left_questions(tmp_path, 0)
-    assert stage2_data(tmp_path, TinyRecipe()) == [position, count, *further]
-    assert stage2_data(tmp_path, TinyRecipe(stage2_further_left=False)) == [position, count]
+    once = TinyRecipe(stage2_position_repeats=1)
+    assert stage2_data(tmp_path, once) == [position, count, *further]
+    assert stage2_data(tmp_path, replace(once, stage2_further_left=False)) == [position, count]
     repeated = stage2_data(tmp_path, TinyRecipe(stage2_position_repeats=3))
     assert repeated == [position, count, *further, *[position, *further] * 2]
 
