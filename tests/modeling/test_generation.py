@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from florence_vl_hf.build import build_random_model
+from florence_vl_hf.modeling.modeling_florence_vl import CACHE_KWARG
 from florence_vl_hf.tiny import tiny_config
 
 
@@ -109,13 +110,13 @@ def test_cached_chunked_forward_equals_one_full_forward(tiny, shapes_image):
         cut = ids.shape[1] - 7  # the image and most of the text in the first chunk
         first = model(input_ids=ids[:, :cut], attention_mask=inputs["attention_mask"][:, :cut],
                       pixel_values=inputs["pixel_values"], task_prompt_ids=inputs["task_prompt_ids"], use_cache=True)
-        cache = first.past_key_values
+        cache = getattr(first, CACHE_KWARG)
         pieces = [first.logits]
         for start in range(cut, ids.shape[1], 3):
             end = min(start + 3, ids.shape[1])
             step = model(input_ids=ids[:, start:end], attention_mask=inputs["attention_mask"][:, :end],
-                         past_key_values=cache, use_cache=True)
-            cache = step.past_key_values
+                         cache=cache, use_cache=True)
+            cache = getattr(step, CACHE_KWARG)
             pieces.append(step.logits)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 

@@ -6,10 +6,21 @@ weights by ``save_pretrained``.
 
 import re
 
-from transformers import PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
-from transformers.models.auto import AutoConfig
-from transformers.models.florence2.configuration_florence2 import Florence2Config
+from transformers.utils.versions import require_version
+
+# The transformers releases this payload supports; checked before anything else is imported from transformers, so
+# that an unsupported release fails here, with both versions named, rather than deep inside. setup.cfg declares the
+# same range (a test keeps the two, the processing file and the model card equal).
+TRANSFORMERS_REQUIREMENT = "transformers>=5.23,<6"
+require_version(
+    TRANSFORMERS_REQUIREMENT,
+    f"Florence-VL's model code supports these transformers releases only: pip install '{TRANSFORMERS_REQUIREMENT}'",
+)
+
+from transformers import PreTrainedConfig  # noqa: E402
+from transformers.configuration_utils import SubConfigSpec  # noqa: E402
+from transformers.models.auto import AutoConfig  # noqa: E402
+from transformers.models.florence2.configuration_florence2 import Florence2Config  # noqa: E402
 
 # Florence-2-large sizes (microsoft/Florence-2-large-ft, the vision tower of the official checkpoints).
 FLORENCE2_LARGE_VISION = {

@@ -3,6 +3,7 @@
 Part of the Hub payload: imports only torch, transformers and its sibling configuration file.
 """
 
+import functools
 import hashlib
 import math
 from collections import OrderedDict
@@ -14,8 +15,9 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.models.auto import AutoModel
 from transformers.models.bart.modeling_bart import BartEncoder
 from transformers.models.florence2.modeling_florence2 import (
@@ -27,8 +29,43 @@ from transformers.models.florence2.modeling_florence2 import (
 from .configuration_florence_vl import DEPTH_FEATURE, FlorenceVLConfig
 
 
+# transformers 5.24 renamed `past_key_values` to `cache` (in outputs and in forward signatures; the old name is
+# accepted until 5.40). The payload runs on both sides of the rename, under the name the installed version uses.
+CACHE_RENAMED = "cache" in BaseModelOutputWithPast.__dataclass_fields__
+CACHE_KWARG = "cache" if CACHE_RENAMED else "past_key_values"
+
+if CACHE_RENAMED:
+    from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast as _ModelOutputBase
+    from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast as _CausalLMOutputBase
+else:
+    from transformers.modeling_outputs import BaseModelOutputWithPast as _ModelOutputBase
+    from transformers.modeling_outputs import CausalLMOutputWithPast as _CausalLMOutputBase
+
+
+def _accept_cache_kwarg(forward):
+    """`forward` takes `cache`; the old name `past_key_values` is accepted as well. From transformers 5.24 on, through
+    transformers' own `deprecate_kwarg` (as its LLaVA does); before it, `past_key_values` is the library's current
+    name, which `generate` passes, so it is renamed without a warning."""
+    if CACHE_RENAMED:
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        if "past_key_values" in kwargs:
+            if kwargs.get("cache") is not None:
+                raise ValueError("You cannot specify both `cache` and `past_key_values`: use `cache` only")
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        return forward(*args, **kwargs)
+
+    return wrapper
+
+
+def _is_prefill(cache) -> bool:
+    return cache is None or cache.get_seq_length() == 0
+
+
 @dataclass
-class FlorenceVLModelOutputWithPast(BaseModelOutputWithPast):
+class FlorenceVLModelOutputWithPast(_ModelOutputBase):
     r"""
     image_hidden_states (`torch.FloatTensor`, *optional*):
         The fused, projected image features, shape `(num_images, num_image_tokens, hidden_size)`.
@@ -38,13 +75,21 @@ class FlorenceVLModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class FlorenceVLCausalLMOutputWithPast(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+class FlorenceVLCausalLMOutputWithPast(_CausalLMOutputBase):
+    r"""
+    image_hidden_states (`torch.FloatTensor`, *optional*):
+        The fused, projected image features, shape `(num_images, num_image_tokens, hidden_size)`.
+    """
+
     image_hidden_states: torch.FloatTensor | None = None
+
+
+def _output_fields(outputs, image_outputs) -> dict:
+    """The cache and, where the output class has it (transformers >= 5.24), the image encoder's output."""
+    fields = {CACHE_KWARG: getattr(outputs, CACHE_KWARG)}
+    if CACHE_RENAMED:
+        fields["image_outputs"] = image_outputs
+    return fields
 
 
 class FlorenceVLVisionFeatureCache:
@@ -148,7 +193,7 @@ class FlorenceVLPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["Florence2VisionBlock", "BartEncoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_KWARG]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -289,6 +334,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
             )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
 
+    @_accept_cache_kwarg
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -296,7 +342,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         task_prompt_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs,
@@ -320,23 +366,23 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
             flat = image_features.reshape(-1, image_features.shape[-1])
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, flat)
             inputs_embeds = inputs_embeds.masked_scatter(mask, flat)
-        elif input_ids is not None and not past_key_values and (input_ids == self.config.image_token_id).any():
+        elif input_ids is not None and _is_prefill(cache) and (input_ids == self.config.image_token_id).any():
             # Checked on the prefill only: decoding steps carry no pixel_values and must not sync on this test.
             raise ValueError("input_ids contain image tokens but no pixel_values were given")
 
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
+            **{CACHE_KWARG: cache},
             **kwargs,
         )
         return FlorenceVLModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
+            **_output_fields(outputs, image_outputs),
         )
 
 
@@ -370,6 +416,7 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
     def disable_vision_feature_cache(self):
         self.model.disable_vision_feature_cache()
 
+    @_accept_cache_kwarg
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -377,7 +424,7 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
         task_prompt_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -390,7 +437,7 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
             task_prompt_ids=task_prompt_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
@@ -402,10 +449,10 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
         return FlorenceVLCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
+            **_output_fields(outputs, outputs.get("image_outputs")),
         )
 
 

@@ -6,12 +6,21 @@ Part of the Hub payload: imports only torch, transformers and PIL.
 
 import os
 
-import PIL.Image
-import PIL.ImageOps
-import torch
-from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_utils import load_image
-from transformers.processing_utils import ProcessorMixin
+from transformers.utils.versions import require_version
+
+# The same range as configuration_florence_vl.TRANSFORMERS_REQUIREMENT (this file can be loaded without that one).
+TRANSFORMERS_REQUIREMENT = "transformers>=5.23,<6"
+require_version(
+    TRANSFORMERS_REQUIREMENT,
+    f"Florence-VL's processor supports these transformers releases only: pip install '{TRANSFORMERS_REQUIREMENT}'",
+)
+
+import PIL.Image  # noqa: E402
+import PIL.ImageOps  # noqa: E402
+import torch  # noqa: E402
+from transformers.feature_extraction_utils import BatchFeature  # noqa: E402
+from transformers.image_utils import load_image  # noqa: E402
+from transformers.processing_utils import ProcessorMixin  # noqa: E402
 
 SPIECE_UNDERLINE = "\u2581"
 
