@@ -4,6 +4,7 @@ import configparser
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from florence_vl_hf.modeling import configuration_florence_vl
 from florence_vl_hf.processing import processing_florence_vl
@@ -15,7 +16,7 @@ def declared(name):
     config = configparser.ConfigParser()
     config.read(ROOT / "setup.cfg")
     lines = [line.strip() for line in config["options"]["install_requires"].splitlines() if line.strip()]
-    return next(Requirement(line) for line in lines if Requirement(line).name == name)
+    return next(Requirement(line) for line in lines if canonicalize_name(Requirement(line).name) == name)
 
 
 def test_payload_files_state_the_range_setup_cfg_declares():
@@ -31,7 +32,7 @@ def test_lock_pins_versions_inside_the_declared_ranges():
             requirement = Requirement(line)
             (pin,) = requirement.specifier
             assert pin.operator == "==", line
-            pins[requirement.name.lower().replace("_", "-")] = pin.version
+            pins[canonicalize_name(requirement.name)] = pin.version
     for name in ("transformers", "safetensors", "huggingface-hub", "peft", "tokenizers", "pillow"):
         assert name in pins, f"{name} is not locked"
-        assert declared(name.replace("-", "_") if name == "huggingface-hub" else name).specifier.contains(pins[name])
+        assert declared(name).specifier.contains(pins[name]), f"{name}=={pins[name]} is outside setup.cfg's range"

@@ -164,3 +164,14 @@ def test_llama_prompt_keeps_the_original_double_bos():
         [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True, return_dict=True
     )
     assert inputs["input_ids"][0][:2] == [128000, 128000]
+
+
+def test_static_cache_generates_what_the_dynamic_cache_generates(tiny_phi3, shapes_image):
+    model, processor = tiny_phi3
+    inputs = processor.apply_chat_template(chat(processor, [shapes_image], "What is in the image?"),
+                                           add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    dynamic = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    static = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                            cache_implementation="static")
+    assert static.tolist() == dynamic.tolist()

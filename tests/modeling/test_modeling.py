@@ -8,6 +8,7 @@ from transformers import AutoModelForImageTextToText
 
 from florence_vl_hf import FlorenceVLForConditionalGeneration
 from florence_vl_hf.build import build_random_model, save_hub_folder
+from florence_vl_hf.modeling.modeling_florence_vl import CACHE_KWARG
 from florence_vl_hf.tiny import tiny_config
 
 
@@ -229,3 +230,19 @@ def test_random_projector_uses_pytorchs_default_linear_init():
         assert linear.weight.abs().max() <= bound and linear.bias.abs().max() <= bound
         assert abs(linear.weight.std().item() - bound / 3**0.5) < 0.1 * bound
     assert abs(model.model.language_model.layers[0].mlp.down_proj.weight.std().item() - 0.02) < 0.002
+
+
+def test_missing_pixel_values_are_checked_on_the_prefill_only(tiny_phi3, shapes_image):
+    from transformers import DynamicCache
+
+    model, processor = tiny_phi3
+    inputs = chat_inputs(processor, shapes_image)
+    ids = inputs["input_ids"]
+    with pytest.raises(ValueError, match="image tokens but no pixel_values"):
+        model(input_ids=ids, cache=DynamicCache(config=model.config.get_text_config(decoder=True)), use_cache=True)
+    with torch.no_grad():
+        cache = getattr(model(**inputs, use_cache=True), CACHE_KWARG)
+        # A later step whose only id is the image id, without pixels: not the prefill, so no check and no error.
+        step = model(input_ids=torch.tensor([[model.config.image_token_id]]), cache=cache, use_cache=True,
+                     attention_mask=torch.ones(1, ids.shape[1] + 1, dtype=torch.long))
+    assert step.logits.shape[:2] == (1, 1)

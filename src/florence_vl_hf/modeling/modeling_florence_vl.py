@@ -61,7 +61,12 @@ def _accept_cache_kwarg(forward):
 
 
 def _is_prefill(cache) -> bool:
-    return cache is None or cache.get_seq_length() == 0
+    """Whether the cache holds no token yet. A static cache keeps its length in a device tensor: reading it would
+    synchronise every decoding step, so there this answers False (the check it guards is skipped)."""
+    if cache is None:
+        return True
+    length = cache.get_seq_length()
+    return isinstance(length, int) and length == 0
 
 
 @dataclass
