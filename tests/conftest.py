@@ -1,5 +1,7 @@
 import atexit
+import logging
 import os
+import re
 import shutil
 import tempfile
 
@@ -19,6 +21,36 @@ from florence_vl_hf.processing import asset_dir  # noqa: E402
 from florence_vl_hf.tiny import tiny_config  # noqa: E402
 
 torch.set_num_threads(2)
+
+# transformers and huggingface_hub announce many deprecations through their loggers (`logger.warning_once`), not
+# through `warnings`, so setup.cfg's `error::` filters do not see them.
+DEPRECATION_MESSAGE = re.compile(r"deprecat|will be removed|no longer supported", re.IGNORECASE)
+LIBRARY_LOGGERS = ("transformers", "huggingface_hub")
+
+
+class _DeprecationRecords(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if DEPRECATION_MESSAGE.search(message):
+            self.messages.append(f"{record.name}: {message}")
+
+
+@pytest.fixture(autouse=True)
+def no_logged_deprecation():
+    """Fail a test whose calls make transformers or huggingface_hub log a deprecation."""
+    handler = _DeprecationRecords()
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield handler
+    for logger in loggers:
+        logger.removeHandler(handler)
+    if handler.messages:
+        pytest.fail("deprecation logged by a library:\n" + "\n".join(handler.messages), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,8 @@ def _to_rgb(image, index: int) -> PIL.Image.Image:
     image = PIL.ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16") or image.mode == "I":
         # 16/32-bit integer greyscale: PIL's convert("RGB") would clip at 255; rescale to 8 bits instead.
-        values = torch.tensor(list(image.convert("I").getdata()), dtype=torch.float64)
+        raw = bytearray(image.convert("I").tobytes())  # mode "I": native-endian int32 per pixel
+        values = torch.frombuffer(raw, dtype=torch.int32).to(torch.float64)
         top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
         image = PIL.Image.frombytes("L", image.size, _to_uint8(values * (255.0 / top)).numpy().tobytes())
     image = image.convert("RGB")
