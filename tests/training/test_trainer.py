@@ -149,3 +149,22 @@ def test_training_lowers_the_loss_and_resumes_from_a_checkpoint(fresh_phi3, data
     torch.testing.assert_close(model.model.vision_tower.backbone.convs[0].conv.weight, frozen_before)
     state = json.loads((tmp_path / "run" / "checkpoint-8" / "trainer_state.json").read_text())
     assert state["global_step"] == 8
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback; a GPU trains bf16 on the GPU")
+def test_bf16_training_runs_on_a_cpu(fresh_phi3, data_folder, tmp_path):
+    model, processor = fresh_phi3
+    folder, samples = data_folder
+    args = training_arguments(tmp_path, "finetune", "phi3", bf16=True, per_device_train_batch_size=3,
+                              global_batch_size=3, max_steps=2, learning_rate=1e-3, warmup_steps=0, logging_steps=1,
+                              disable_tqdm=True)  # fmt: skip
+    assert args.bf16 and args.use_cpu
+    before = model.model.multi_modal_projector.linears[0].weight.detach().clone()
+    result = train(model, processor, write_samples(folder, samples), stage="finetune", args=args,
+                   image_folder=folder, save=False)  # fmt: skip
+    losses = [entry["loss"] for entry in result.trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert model.model.multi_modal_projector.linears[0].weight.dtype == torch.float32  # autocast, fp32 master weights
+    assert not torch.equal(model.model.multi_modal_projector.linears[0].weight, before)
+    with pytest.raises(ValueError, match="bf16"):
+        training_arguments(tmp_path, "finetune", "phi3", bf16=True, use_cpu=False)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from transformers import TrainingArguments
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
 from ..build import save_hub_folder
 from .data import ConversationDataset, FlorenceVLDataCollator, ImageCache
@@ -39,6 +40,9 @@ def training_arguments(
 
     The global batch is reached by gradient accumulation: `global_batch_size / (per_device_train_batch_size *
     world_size)` steps (at least 1). Any TrainingArguments field can be overridden by keyword.
+
+    `bf16=True` on a machine without a bf16 GPU trains in bf16 autocast on the CPU (`use_cpu=True`, which
+    TrainingArguments otherwise demands be set by hand), unless `use_cpu` is given.
     """
     recipe = paper_recipe(llm, stage)
     global_batch_size = global_batch_size or recipe.global_batch_size
@@ -61,6 +65,9 @@ def training_arguments(
         remove_unused_columns=False,  # the collator needs every field of the examples
     )
     values.update(overrides)
+    wants_bf16 = values.get("bf16") or values.get("bf16_full_eval")
+    if wants_bf16 and "use_cpu" not in overrides and not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
+        values["use_cpu"] = True
     return TrainingArguments(**values)
 
 
