@@ -19,7 +19,9 @@ def test_pipeline_chat_and_plain_modes_match_generate(tiny, shapes_image, tmp_pa
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=6)
     expected = processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert reply[-1]["content"] == expected
+    # As in plain mode below: the pipeline decodes prompt + answer and cuts the prompt off, which can leave the
+    # space that a sentencepiece tokenizer's first answer token carries.
+    assert reply[-1]["content"].lstrip() == expected.lstrip() and reply[-1]["content"].endswith(expected)
 
     prompt = "<image>\nWhat shapes are there?"
     plain = pipe(images=shapes_image, text=prompt, max_new_tokens=6, return_full_text=False)[0]["generated_text"]

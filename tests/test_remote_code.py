@@ -80,7 +80,10 @@ def test_trust_remote_code_in_a_process_without_the_package(tiny, shapes_image, 
     assert remote["input_ids"] == inputs["input_ids"].tolist()
     assert remote["generated"] == generated.tolist()
     new_tokens = generated[0, inputs["input_ids"].shape[1]:]
-    assert remote["answer"] == processor.decode(new_tokens, skip_special_tokens=True)
+    answer = processor.decode(new_tokens, skip_special_tokens=True)
+    # The pipeline decodes prompt + answer and cuts the prompt off, which can leave the space that a sentencepiece
+    # tokenizer's first answer token carries (the ids are equal, checked above).
+    assert remote["answer"].lstrip() == answer.lstrip() and remote["answer"].endswith(answer)
 
 
 def test_bundled_image_exists():

@@ -137,7 +137,7 @@ def test_extract_features_equal_direct_computation(tiny_phi3, pairs, features):
     with torch.no_grad():
         for i, (image, caption) in enumerate(zip(images, captions)):
             inputs = processor(images=image, text="<image>", return_tensors="pt")
-            depth, breadth = model.model.vision_tower(inputs["pixel_values"], inputs["task_prompt_ids"], None)
+            depth, breadth, _ = model.model.vision_tower(inputs["pixel_values"], inputs["task_prompt_ids"], None)
             torch.testing.assert_close(features.vision["depth"][i], depth[0].mean(0), rtol=1e-5, atol=1e-5)
             for p, name in enumerate(model.config.task_prompt_names):
                 torch.testing.assert_close(features.vision[name][i], breadth[0, p].mean(0), rtol=1e-5, atol=1e-5)

@@ -80,3 +80,22 @@ def test_round_trip_through_dict_and_disk(llm, tmp_path):
     assert type(loaded.text_config).__name__ == type(config.text_config).__name__
     assert loaded.num_image_tokens == config.num_image_tokens == 4 * 16  # 4 feature sets side by side, 4x4 grid
     assert loaded.get_text_config(decoder=True) is loaded.text_config
+
+
+def test_vision_config_names_its_width_and_saves_as_plain_florence2(tmp_path):
+    from transformers import Florence2Config
+
+    from florence_vl_hf.modeling.configuration_florence_vl import FlorenceVLVisionConfig
+
+    config = tiny_config("phi3")
+    assert isinstance(config.vision_config, FlorenceVLVisionConfig)
+    assert config.vision_config.hidden_size == config.vision_config.text_config.d_model == 32
+    saved = config.to_dict()["vision_config"]
+    assert saved["model_type"] == "florence2" and "hidden_size" not in saved
+    # A plain Florence2Config (e.g. read from a Florence-2 checkpoint) is taken as the same config.
+    plain = Florence2Config(**config.vision_config.to_dict())
+    again = FlorenceVLConfig(vision_config=plain, text_config=config.text_config, image_size=32)
+    assert type(again.vision_config) is FlorenceVLVisionConfig
+    assert again.vision_config.to_dict() == config.vision_config.to_dict()
+    config.save_pretrained(tmp_path)
+    assert type(FlorenceVLConfig.from_pretrained(tmp_path).vision_config) is FlorenceVLVisionConfig

@@ -75,7 +75,7 @@ def test_depth_and_breadth_features_match_native_florence2(pixel_values):
     depth_ref, breadth_ref = native_features(native_florence2(model), pixel_values, model.config.task_prompt_ids)
     prompts = torch.tensor(model.config.task_prompt_ids).expand(2, -1, -1)
     with torch.no_grad():
-        depth, breadth = model.model.vision_tower(pixel_values, prompts, None)
+        depth, breadth, _ = model.model.vision_tower(pixel_values, prompts, None)
     assert depth.shape == (2, 17, 32)  # 1 average token + 4x4 grid at 32 px
     torch.testing.assert_close(depth, depth_ref, atol=ATOL, rtol=0)
     for index, reference in enumerate(breadth_ref):
@@ -134,10 +134,10 @@ def test_batched_prompts_equal_one_prompt_at_a_time_bit_for_bit(pixel_values):
     prompts = torch.tensor(model.config.task_prompt_ids).expand(2, -1, -1)
     tower = model.model.vision_tower
     with torch.no_grad():
-        _, batched = tower(pixel_values, prompts, None)
+        _, batched, _ = tower(pixel_values, prompts, None)
         singles = []
         for index in range(prompts.shape[1]):
-            depth, single = tower(pixel_values, prompts[:, index : index + 1], None)
+            depth, single, _ = tower(pixel_values, prompts[:, index : index + 1], None)
             assert torch.equal(batched[:, index], single[:, 0])
             singles.append(single[:, 0])
         unbatched = model.model.multi_modal_projector(torch.cat([depth, *singles], dim=-1))

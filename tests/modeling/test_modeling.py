@@ -8,7 +8,6 @@ from transformers import AutoModelForImageTextToText
 
 from florence_vl_hf import FlorenceVLForConditionalGeneration
 from florence_vl_hf.build import build_random_model, save_hub_folder
-from florence_vl_hf.modeling.modeling_florence_vl import CACHE_KWARG
 from florence_vl_hf.tiny import tiny_config
 
 
@@ -84,8 +83,6 @@ def test_bad_inputs_get_clear_errors(tiny_phi3, shapes_image):
         model(input_ids=short, pixel_values=pixels)
     with pytest.raises(ValueError, match=r"pixel_values must have shape \(num_images, 3, 32, 32\)"):
         model(input_ids=ids, pixel_values=torch.zeros(1, 3, 64, 64))
-    with pytest.raises(ValueError, match="image tokens but no pixel_values"):
-        model(input_ids=ids)
     with pytest.raises(ValueError, match="task_prompt_ids must have shape"):
         model(input_ids=ids, pixel_values=pixels, task_prompt_ids=inputs["task_prompt_ids"][:, :2])
     with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
@@ -232,17 +229,49 @@ def test_random_projector_uses_pytorchs_default_linear_init():
     assert abs(model.model.language_model.layers[0].mlp.down_proj.weight.std().item() - 0.02) < 0.002
 
 
-def test_missing_pixel_values_are_checked_on_the_prefill_only(tiny_phi3, shapes_image):
-    from transformers import DynamicCache
+def test_image_ids_without_pixel_values_are_embedded_as_text(tiny_phi3, shapes_image):
+    """As in transformers' LLaVA: without pixels, `<image>` ids are ordinary tokens (assisted decoding and decoding
+    steps call the model that way), so the logits are the LLM's own on those ids."""
+    model, processor = tiny_phi3
+    ids = chat_inputs(processor, shapes_image)["input_ids"]
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        hidden = model.model.language_model(input_ids=ids).last_hidden_state
+        reference = model.lm_head(hidden)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=0)
 
+
+def test_return_dict_false_gives_the_same_values_as_a_tuple(tiny_phi3, shapes_image):
     model, processor = tiny_phi3
     inputs = chat_inputs(processor, shapes_image)
-    ids = inputs["input_ids"]
-    with pytest.raises(ValueError, match="image tokens but no pixel_values"):
-        model(input_ids=ids, cache=DynamicCache(config=model.config.get_text_config(decoder=True)), use_cache=True)
     with torch.no_grad():
-        cache = getattr(model(**inputs, use_cache=True), CACHE_KWARG)
-        # A later step whose only id is the image id, without pixels: not the prefill, so no check and no error.
-        step = model(input_ids=torch.tensor([[model.config.image_token_id]]), cache=cache, use_cache=True,
-                     attention_mask=torch.ones(1, ids.shape[1] + 1, dtype=torch.long))
-    assert step.logits.shape[:2] == (1, 1)
+        as_dict = model(**inputs)
+        as_tuple = model(**inputs, return_dict=False)
+        features = model.get_image_features(inputs["pixel_values"], return_dict=False)
+        base = model.model(**inputs, return_dict=False)
+    assert isinstance(as_tuple, tuple) and isinstance(features, tuple) and isinstance(base, tuple)
+    torch.testing.assert_close(as_tuple[0], as_dict.logits, rtol=0, atol=0)
+    torch.testing.assert_close(features[1], as_dict.image_hidden_states, rtol=0, atol=0)
+    torch.testing.assert_close(model.lm_head(base[0]), as_dict.logits, rtol=0, atol=0)
+
+
+def test_image_features_carry_the_florence2_encoder_hidden_states_and_attentions(tiny_phi3, shapes_image):
+    model, processor = tiny_phi3
+    pixels = chat_inputs(processor, shapes_image)["pixel_values"]
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model.get_image_features(pixels, output_hidden_states=True, output_attentions=True)
+            prompts = torch.tensor(model.config.task_prompt_ids).unsqueeze(0)
+            depth = out.last_hidden_state
+            prompt_embeds = model.model.vision_tower.encoder.embed_tokens(prompts[0])
+            sequences = torch.cat([depth.expand(prompts.shape[1], -1, -1), prompt_embeds], dim=1)
+            reference = model.model.vision_tower.encoder(inputs_embeds=sequences, output_hidden_states=True,
+                                                         output_attentions=True)  # fmt: skip
+    finally:
+        model.set_attn_implementation("sdpa")
+    layers = model.config.vision_config.text_config.encoder_layers
+    assert len(out.hidden_states) == layers + 1 and len(out.attentions) == layers
+    for ours, theirs in zip(out.hidden_states + out.attentions, reference.hidden_states + reference.attentions):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert model.get_image_features(pixels).hidden_states is None

@@ -187,7 +187,7 @@ def _pooled_batch(base, processor, images, captions, device, dtype, pad_id, firs
     prompt_mask = None
     if not config.task_prompt_attend_padding:  # as FlorenceVLModel does
         prompt_mask = (prompt_ids != config.vision_config.text_config.pad_token_id).long()
-    depth, breadth = base.vision_tower(inputs["pixel_values"].to(device, dtype), prompt_ids, prompt_mask)
+    depth, breadth, _ = base.vision_tower(inputs["pixel_values"].to(device, dtype), prompt_ids, prompt_mask)
     features = [depth, *breadth.unbind(1)]
     if not config.include_average_image_token:
         features = [feature[:, 1:] for feature in features]

@@ -65,6 +65,16 @@ FUSION_MODES = ("channel", "token", "average")
 _PROJECTOR_PATTERN = re.compile(r"^mlp(\d+)x_gelu$")
 
 
+class FlorenceVLVisionConfig(Florence2Config):
+    """Florence-2's config (model type ``florence2``, saved unchanged), plus ``hidden_size``: the width of the image
+    tokens the vision tower puts out, i.e. the Florence-2 encoder's ``d_model``. Generic code (transformers' common
+    tests, serving engines) looks the vision width up as ``config.vision_config.hidden_size``."""
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.d_model
+
+
 def _davit_grid_side(image_size: int, vision_config) -> int:
     """Side of the DaViT output grid: each stage is a strided convolution."""
     side = image_size
@@ -101,7 +111,7 @@ class FlorenceVLConfig(PreTrainedConfig):
     model_type = "florence_vl"
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(
-            config_class=Florence2Config,
+            config_class=FlorenceVLVisionConfig,
             init_kwargs={"vision_config": dict(FLORENCE2_LARGE_VISION), "text_config": dict(FLORENCE2_LARGE_ENCODER)},
         ),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="phi3"),
@@ -128,6 +138,8 @@ class FlorenceVLConfig(PreTrainedConfig):
         if self.vision_feature_sources is None:
             self.vision_feature_sources = [DEPTH_FEATURE, *(self.task_prompt_names or [])]
         super().__post_init__(**kwargs)
+        if type(self.vision_config) is Florence2Config:  # given as an instance of the plain Florence-2 config
+            self.vision_config = FlorenceVLVisionConfig.from_dict(self.vision_config.to_dict())
         self.validate_florence_vl()
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
@@ -199,4 +211,4 @@ class FlorenceVLConfig(PreTrainedConfig):
         return width * (len(self.vision_feature_sources) if self.fusion == "channel" else 1)
 
 
-__all__ = ["FlorenceVLConfig"]
+__all__ = ["FlorenceVLConfig", "FlorenceVLVisionConfig"]

@@ -17,16 +17,19 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils.deprecation import deprecate_kwarg
 from transformers.models.auto import AutoModel
 from transformers.models.bart.modeling_bart import BartEncoder
 from transformers.models.florence2.modeling_florence2 import (
     Florence2MultiModalProjector,
+    Florence2PreTrainedModel,
     Florence2VisionBackbone,
-    Florence2VisionPositionalEmbeddingCosine1D,
 )
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, torch_compilable_check
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
-from .configuration_florence_vl import DEPTH_FEATURE, FlorenceVLConfig
+from .configuration_florence_vl import DEPTH_FEATURE, FlorenceVLConfig, FlorenceVLVisionConfig
 
 
 # transformers 5.24 renamed `past_key_values` to `cache` (in outputs and in forward signatures; the old name is
@@ -58,15 +61,6 @@ def _accept_cache_kwarg(forward):
         return forward(*args, **kwargs)
 
     return wrapper
-
-
-def _is_prefill(cache) -> bool:
-    """Whether the cache holds no token yet. A static cache keeps its length in a device tensor: reading it would
-    synchronise every decoding step, so there this answers False (the check it guards is skipped)."""
-    if cache is None:
-        return True
-    length = cache.get_seq_length()
-    return isinstance(length, int) and length == 0
 
 
 @dataclass
@@ -141,23 +135,35 @@ class FlorenceVLVisionFeatureCache:
         self.hits = self.misses = 0
 
 
-class FlorenceVLVisionTower(nn.Module):
-    """Florence-2 without its decoder: DaViT, image projection + norm (with position embeddings), BART encoder."""
+class FlorenceVLVisionTower(Florence2PreTrainedModel):
+    """Florence-2 without its decoder: DaViT, image projection + norm (with position embeddings), BART encoder.
 
-    def __init__(self, config: FlorenceVLConfig):
-        super().__init__()
-        florence2 = config.vision_config
-        self.backbone = Florence2VisionBackbone(florence2.vision_config)
-        self.image_projector = Florence2MultiModalProjector(florence2)
-        self.encoder = BartEncoder(florence2.text_config)
+    A Florence-2 `PreTrainedModel` on `config.vision_config`, so that per-sub-model settings (attention
+    implementation, initialisation) reach it as they reach Florence-2's own modules."""
 
-    def forward(self, pixel_values: torch.Tensor, task_prompt_ids: torch.Tensor, task_prompt_mask: torch.Tensor | None):
-        """Returns the depth feature `(N, T, D)` and the breadth features `(N, P, T, D)` for prompts `(N, P, L)`."""
+    config: FlorenceVLVisionConfig
+
+    def __init__(self, config: FlorenceVLVisionConfig):
+        super().__init__(config)
+        self.backbone = Florence2VisionBackbone(config.vision_config)
+        self.image_projector = Florence2MultiModalProjector(config)
+        self.encoder = BartEncoder(config.text_config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        task_prompt_ids: torch.Tensor,
+        task_prompt_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor, BaseModelOutputWithPast | None]:
+        """The depth feature `(N, T, D)`, the breadth features `(N, P, T, D)` for prompts `(N, P, L)`, and the
+        encoder's output (its `hidden_states` / `attentions` when asked for; None without prompts)."""
         depth = self.image_projector(self.backbone(pixel_values).last_hidden_state)
         num_images, num_tokens, width = depth.shape
-        num_prompts, prompt_length = task_prompt_ids.shape[1:]
+        num_prompts = task_prompt_ids.shape[1]
         if num_prompts == 0:
-            return depth, depth.new_zeros(num_images, 0, num_tokens, width)
+            return depth, depth.new_zeros(num_images, 0, num_tokens, width), None
 
         prompt_embeds = self.encoder.embed_tokens(task_prompt_ids.flatten(0, 1)).to(depth.dtype)
         image_tokens = depth.repeat_interleave(num_prompts, dim=0)
@@ -166,10 +172,10 @@ class FlorenceVLVisionTower(nn.Module):
             image_mask = task_prompt_mask.new_ones(num_images * num_prompts, num_tokens)
             attention_mask = torch.cat([image_mask, task_prompt_mask.flatten(0, 1)], dim=1)
         encoded = self.encoder(
-            inputs_embeds=torch.cat([image_tokens, prompt_embeds], dim=1), attention_mask=attention_mask
-        ).last_hidden_state
-        breadth = encoded[:, :num_tokens].reshape(num_images, num_prompts, num_tokens, width)
-        return depth, breadth
+            inputs_embeds=torch.cat([image_tokens, prompt_embeds], dim=1), attention_mask=attention_mask, **kwargs
+        )
+        breadth = encoded.last_hidden_state[:, :num_tokens].reshape(num_images, num_prompts, num_tokens, width)
+        return depth, breadth, encoded
 
 
 class FlorenceVLMultiModalProjector(nn.Module):
@@ -202,7 +208,7 @@ class FlorenceVLPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True
     _supports_attention_backend = True
 
     def _init_weights(self, module):
@@ -213,19 +219,13 @@ class FlorenceVLPreTrainedModel(PreTrainedModel):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             init.uniform_(module.bias, -bound, bound)
             return
-        super()._init_weights(module)
-        if isinstance(module, Florence2VisionPositionalEmbeddingCosine1D):
-            sine, cosine = module.get_sinusoid_embeddings(module.max_seq_len, module.embed_dim)
-            table = torch.empty(module.max_seq_len, module.embed_dim)
-            table[:, 0::2], table[:, 1::2] = sine, cosine
-            with torch.no_grad():
-                module.pos_idx_to_embed.copy_(table)
+        super()._init_weights(module)  # the vision tower's modules get Florence-2's own _init_weights
 
 
 class FlorenceVLModel(FlorenceVLPreTrainedModel):
     def __init__(self, config: FlorenceVLConfig):
         super().__init__(config)
-        self.vision_tower = FlorenceVLVisionTower(config)
+        self.vision_tower = FlorenceVLVisionTower(config.vision_config)
         self.multi_modal_projector = FlorenceVLMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.vision_feature_cache: FlorenceVLVisionFeatureCache | None = None
@@ -270,20 +270,32 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
     def disable_vision_feature_cache(self):
         self.vision_feature_cache = None
 
+    @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.Tensor, task_prompt_ids: torch.LongTensor | None = None, **kwargs
-    ) -> BaseModelOutputWithPooling:
+        self,
+        pixel_values: torch.Tensor,
+        task_prompt_ids: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
         """Fused, projected image features: `pooler_output` has shape `(num_images, num_image_tokens, hidden)`.
 
         `task_prompt_ids` `(num_images, num_prompts, prompt_length)` come from the processor; the config's prompts
-        are used when absent. `last_hidden_state` holds the depth feature (the projected DaViT tokens).
+        are used when absent. `last_hidden_state` holds the depth feature (the projected DaViT tokens);
+        `hidden_states` / `attentions` (with `output_hidden_states` / `output_attentions`) are the Florence-2
+        encoder's, over the `num_images * num_prompts` image-and-prompt sequences.
         """
         self._check_pixel_values(pixel_values)
         prompts, prompt_mask, used = self._task_prompts(task_prompt_ids, pixel_values.shape[0], pixel_values.device)
         cache = self.vision_feature_cache
-        if cache is None or (self.training and torch.is_grad_enabled()):
-            depth, projected = self._image_features(pixel_values, prompts, prompt_mask, used)
-            return BaseModelOutputWithPooling(last_hidden_state=depth, pooler_output=projected)
+        wants_internals = any(kwargs.get(name) for name in ("output_hidden_states", "output_attentions"))
+        if cache is None or wants_internals or (self.training and torch.is_grad_enabled()):
+            depth, projected, encoded = self._image_features(pixel_values, prompts, prompt_mask, used, **kwargs)
+            return BaseModelOutputWithPooling(
+                last_hidden_state=depth,
+                pooler_output=projected,
+                hidden_states=getattr(encoded, "hidden_states", None),
+                attentions=getattr(encoded, "attentions", None),
+            )
 
         keys = [cache.key(pixel_values[i], prompts[i]) for i in range(pixel_values.shape[0])]
         found = [cache.get(key) for key in keys]
@@ -294,7 +306,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         if first_row:
             rows = list(first_row.values())
             mask = prompt_mask[rows] if prompt_mask is not None else None
-            depth, projected = self._image_features(pixel_values[rows], prompts[rows], mask, used)
+            depth, projected, _ = self._image_features(pixel_values[rows], prompts[rows], mask, used, **kwargs)
             computed = {key: (depth[i], projected[i]) for i, key in enumerate(first_row)}
             for key, entry in computed.items():
                 cache.put(key, *entry)
@@ -304,8 +316,8 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
             pooler_output=torch.stack([entry[1] for entry in found]),
         )
 
-    def _image_features(self, pixel_values, prompts, prompt_mask, used):
-        depth, breadth = self.vision_tower(pixel_values, prompts, prompt_mask)
+    def _image_features(self, pixel_values, prompts, prompt_mask, used, **kwargs):
+        depth, breadth, encoded = self.vision_tower(pixel_values, prompts, prompt_mask, **kwargs)
         features = []
         for source in self.config.vision_feature_sources:
             if source == DEPTH_FEATURE:
@@ -320,7 +332,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
             fused = torch.cat(features, dim=1)
         else:
             fused = torch.stack(features).mean(dim=0)
-        return depth, self.multi_modal_projector(fused)
+        return depth, self.multi_modal_projector(fused), encoded
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
         if input_ids is None:
@@ -330,15 +342,18 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
             mask = (inputs_embeds == image_embedding).all(-1)
         else:
             mask = input_ids == self.config.image_token_id
-        num_tokens = int(mask.sum())
-        if num_tokens * inputs_embeds.shape[-1] != image_features.numel():
-            raise ValueError(
-                f"Image features and image tokens do not match: {num_tokens} image tokens in the input, "
+        num_tokens = mask.sum()
+        torch_compilable_check(
+            num_tokens * inputs_embeds.shape[-1] == image_features.numel(),
+            lambda: (
+                f"Image features and image tokens do not match: {int(num_tokens)} image tokens in the input, "
                 f"{image_features.shape[0]} features ({self.config.num_image_tokens} per image). Each image needs "
                 f"exactly {self.config.num_image_tokens} `<image>` tokens: was a prompt truncated?"
-            )
+            ),
+        )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
 
+    @can_return_tuple
     @_accept_cache_kwarg
     def forward(
         self,
@@ -350,8 +365,10 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-        **kwargs,
-    ) -> FlorenceVLModelOutputWithPast:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | FlorenceVLModelOutputWithPast:
+        """Without `pixel_values` (or `mm_encoder_outputs`), `<image>` ids are embedded like any other token, as in
+        transformers' LLaVA: decoding steps, assisted decoding and text-only calls need no image."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and (mm_encoder_outputs or {}).get("image") is not None:
@@ -361,7 +378,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
 
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if image_outputs is None and pixel_values is not None:
-            image_outputs = self.get_image_features(pixel_values, task_prompt_ids=task_prompt_ids)
+            image_outputs = self.get_image_features(pixel_values, task_prompt_ids=task_prompt_ids, return_dict=True)
         image_features = None
         if image_outputs is not None:
             image_features = image_outputs.pooler_output
@@ -371,9 +388,6 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
             flat = image_features.reshape(-1, image_features.shape[-1])
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, flat)
             inputs_embeds = inputs_embeds.masked_scatter(mask, flat)
-        elif input_ids is not None and _is_prefill(cache) and (input_ids == self.config.image_token_id).any():
-            # Checked on the prefill only: decoding steps carry no pixel_values and must not sync on this test.
-            raise ValueError("input_ids contain image tokens but no pixel_values were given")
 
         outputs = self.language_model(
             attention_mask=attention_mask,
@@ -393,6 +407,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
 
 class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: FlorenceVLConfig):
         super().__init__(config)
@@ -412,7 +427,12 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def get_image_features(self, pixel_values: torch.Tensor, task_prompt_ids: torch.LongTensor | None = None, **kwargs):
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        task_prompt_ids: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, task_prompt_ids=task_prompt_ids, **kwargs)
 
     def enable_vision_feature_cache(self, max_images: int = 8) -> FlorenceVLVisionFeatureCache:
@@ -421,6 +441,7 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
     def disable_vision_feature_cache(self):
         self.model.disable_vision_feature_cache()
 
+    @can_return_tuple
     @_accept_cache_kwarg
     def forward(
         self,
@@ -434,8 +455,8 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-        **kwargs,
-    ) -> FlorenceVLCausalLMOutputWithPast:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | FlorenceVLCausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -445,6 +466,7 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
             cache=cache,
             inputs_embeds=inputs_embeds,
             mm_encoder_outputs=mm_encoder_outputs,
+            return_dict=True,
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
