@@ -15,7 +15,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPast, BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.auto import AutoModel
 from transformers.models.bart.modeling_bart import BartEncoder
@@ -156,7 +156,7 @@ class FlorenceVLVisionTower(Florence2PreTrainedModel):
         task_prompt_ids: torch.Tensor,
         task_prompt_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor, BaseModelOutputWithPast | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, BaseModelOutput | None]:
         """The depth feature `(N, T, D)`, the breadth features `(N, P, T, D)` for prompts `(N, P, L)`, and the
         encoder's output (its `hidden_states` / `attentions` when asked for; None without prompts)."""
         depth = self.image_projector(self.backbone(pixel_values).last_hidden_state)
