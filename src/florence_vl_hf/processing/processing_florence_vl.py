@@ -15,12 +15,21 @@ require_version(
     f"Florence-VL's processor supports these transformers releases only: pip install '{TRANSFORMERS_REQUIREMENT}'",
 )
 
+import warnings  # noqa: E402
+from typing import Unpack  # noqa: E402
+
 import PIL.Image  # noqa: E402
 import PIL.ImageOps  # noqa: E402
 import torch  # noqa: E402
 from transformers.feature_extraction_utils import BatchFeature  # noqa: E402
-from transformers.image_utils import load_image  # noqa: E402
-from transformers.processing_utils import ProcessorMixin  # noqa: E402
+from transformers.image_utils import ImageInput, load_image  # noqa: E402
+from transformers.processing_utils import (  # noqa: E402
+    MultiModalData,
+    ProcessingKwargs,
+    ProcessorMixin,
+    TextKwargs,
+)
+from transformers.tokenization_utils_base import TextInput  # noqa: E402
 
 SPIECE_UNDERLINE = "\u2581"
 
@@ -87,6 +96,37 @@ def _pad_to_square(image: PIL.Image.Image, fill: tuple) -> PIL.Image.Image:
     return canvas
 
 
+class FlorenceVLTextKwargs(TextKwargs, total=False):
+    """`add_special_tokens_as_original`: add the tokenizer's special tokens even where `add_special_tokens=False`
+    was chosen for the caller, as the original code always did. `apply_chat_template` sets it unless
+    `add_special_tokens` is passed: transformers tokenizes a rendered prompt that starts with BOS without special
+    tokens, while the original tokenized it with them (Llama-3.1's prompts therefore start with two BOS tokens)."""
+
+    add_special_tokens_as_original: bool | None
+
+
+class FlorenceVLProcessorKwargs(ProcessingKwargs, total=False):
+    text_kwargs: FlorenceVLTextKwargs
+
+
+# Tokenizer options that have no meaning for prompts with images (pairs, pre-split words, overflowing windows) or
+# that this processor does not compute; asking for them is an error rather than silently ignored.
+UNSUPPORTED_TEXT_KWARGS = (
+    "text_pair",
+    "text_target",
+    "text_pair_target",
+    "is_split_into_words",
+    "stride",
+    "return_overflowing_tokens",
+    "return_special_tokens_mask",
+    "return_token_type_ids",
+    "return_length",
+    "sanitize_control_tokens",
+)
+TRUNCATING = (True, "longest_first", "only_first")
+NOT_TRUNCATING = (False, None, "do_not_truncate")
+
+
 class FlorenceVLProcessor(ProcessorMixin):
     r"""
     Processor for Florence-VL: a Florence-2 image processor (CLIP, 768x768 bicubic, ImageNet mean/std) and the LLM's
@@ -94,14 +134,14 @@ class FlorenceVLProcessor(ProcessorMixin):
 
     Args:
         image_processor: the CLIP image processor.
-        tokenizer: the LLM tokenizer, with `image_token` added.
+        tokenizer: the LLM tokenizer, with `image_token` added. Its `padding_side` (left for generation) is the
+            default side of padding.
         chat_template: Jinja chat template reproducing the original conversation format (phi3 or llama3).
         image_token: placeholder for one image in prompts.
         num_image_tokens: tokens one image occupies in the LLM input (the model config's `num_image_tokens`).
         task_prompt_names / task_prompt_texts: the Florence-2 task prompts (the breadth features), in the model
             config's order.
         task_prompt_ids: their Florence-2 token ids, padded to one length, in the same order.
-        padding_side: side on which batches are padded (`"left"` for generation).
         image_aspect_ratio: `"pad"` pads to a square filled with the mean colour before resizing (the official
             checkpoints), `"square"` resizes directly.
         sentencepiece_leading_space: tokenize like the slow sentencepiece tokenizer the original used for Phi-3.5
@@ -109,6 +149,8 @@ class FlorenceVLProcessor(ProcessorMixin):
             such as `<|system|>`; the checkpoints were trained on those ids. Needs a fast sentencepiece-BPE
             tokenizer (Llama/Phi style).
     """
+
+    valid_processor_kwargs = FlorenceVLProcessorKwargs
 
     def __init__(
         self,
@@ -121,12 +163,24 @@ class FlorenceVLProcessor(ProcessorMixin):
         task_prompt_texts: list | None = None,
         task_prompt_ids: list | None = None,
         image_aspect_ratio: str = "pad",
-        padding_side: str = "left",
         sentencepiece_leading_space: bool = False,
         **kwargs,
     ):
         if image_aspect_ratio not in ("pad", "square"):
             raise ValueError(f"image_aspect_ratio must be 'pad' or 'square', got {image_aspect_ratio!r}")
+        padding_side = kwargs.pop("padding_side", None)
+        if padding_side is not None:
+            warnings.warn(
+                "FlorenceVLProcessor(padding_side=...) is deprecated: the tokenizer's padding_side is the default "
+                "(set tokenizer.padding_side), and processor(..., padding_side=...) chooses per call",
+                FutureWarning,
+                stacklevel=2,
+            )
+            if padding_side not in ("left", "right"):
+                raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+            if tokenizer is not None:
+                tokenizer.padding_side = padding_side
+                tokenizer.init_kwargs["padding_side"] = padding_side
         self.image_token = image_token
         self.num_image_tokens = num_image_tokens
         self.task_prompt_names = list(task_prompt_names or [])
@@ -134,10 +188,7 @@ class FlorenceVLProcessor(ProcessorMixin):
         self.task_prompt_ids = [list(row) for row in (task_prompt_ids or [])]
         if not len(self.task_prompt_names) == len(self.task_prompt_texts) == len(self.task_prompt_ids):
             raise ValueError("task_prompt_names, task_prompt_texts and task_prompt_ids need one entry per prompt")
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.image_aspect_ratio = image_aspect_ratio
-        self.padding_side = padding_side
         self.sentencepiece_leading_space = sentencepiece_leading_space
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token) if tokenizer is not None else None
@@ -165,159 +216,243 @@ class FlorenceVLProcessor(ProcessorMixin):
             out.append(_pad_to_square(image, fill) if self.image_aspect_ratio == "pad" else image)
         return out
 
+    def _process_images(self, images: list, **kwargs):
+        return super()._process_images(self.preprocess_images(images), **kwargs)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """The text an image's marker stands for in the LLM input: `num_image_tokens` image tokens."""
+        return self.image_token * self.num_image_tokens
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """Placeholder tokens per image for images of the given `(height, width)` sizes: every image is resized to
+        one square, so each takes `num_image_tokens` tokens and one patch."""
+        data = {}
+        if image_sizes is not None:
+            data["num_image_tokens"] = [self.num_image_tokens] * len(image_sizes)
+            data["num_image_patches"] = [1] * len(image_sizes)
+        return MultiModalData(**data)
+
     # ------------------------------------------------------------------------------------------------- text
     def _encode_piece(self, text: str, add_special_tokens: bool) -> list[int]:
-        if self.sentencepiece_leading_space:
-            ids = self._encode_like_slow_sentencepiece(text)
-            if add_special_tokens and getattr(self.tokenizer, "add_bos_token", False):
-                ids = [self.tokenizer.bos_token_id, *ids]
-            return ids
-        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        return self._encode_piece_with_offsets(text, add_special_tokens)[0]
 
-    def _encode_like_slow_sentencepiece(self, text: str) -> list[int]:
+    def _encode_piece_with_offsets(self, text: str, add_special_tokens: bool) -> tuple[list[int], list | None]:
+        """Ids of a text without image markers and their `(start, end)` character spans (None for tokenizers
+        without offsets); tokens that cover no character span `(0, 0)`, as in transformers."""
+        if self.sentencepiece_leading_space:
+            ids, offsets = self._encode_like_slow_sentencepiece(text)
+            if add_special_tokens and getattr(self.tokenizer, "add_bos_token", False):
+                ids, offsets = [self.tokenizer.bos_token_id, *ids], [(0, 0), *offsets]
+            return ids, offsets
+        is_fast = getattr(self.tokenizer, "is_fast", False)
+        encoded = self.tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=is_fast)
+        offsets = [tuple(span) for span in encoded["offset_mapping"]] if is_fast else None
+        return encoded["input_ids"], offsets
+
+    def _encode_like_slow_sentencepiece(self, text: str) -> tuple[list[int], list]:
         """Ids of the slow sentencepiece LlamaTokenizer (legacy=False) that the original used for Phi-3.5: only the
         start of the text gets the '▁' prefix (a lone '▁' when the text starts with an added token other than the
         named special tokens), and text right after an added token gets none. The fast tokenizer instead prefixes
         every stretch of text between added tokens, so its BPE model is run here on the stretches directly."""
         if not text:
-            return []
+            return [], []
         backend = self.tokenizer.backend_tokenizer
         encoding = backend.encode(text, add_special_tokens=False)
         added = self.tokenizer.added_tokens_decoder
         spans = [(token_id, span) for token_id, span in zip(encoding.ids, encoding.offsets) if token_id in added]
-        ids, cursor = [], 0
+        ids, offsets, cursor = [], [], 0
         for token_id, (start, end) in spans + [(None, (len(text), len(text)))]:
             stretch = text[cursor:start].replace(" ", SPIECE_UNDERLINE)
+            prefix = 0
             if cursor == 0:
-                stretch = SPIECE_UNDERLINE + stretch
+                stretch, prefix = SPIECE_UNDERLINE + stretch, 1
                 if stretch == SPIECE_UNDERLINE and token_id is not None and added[token_id].content in set(
                     self.tokenizer.all_special_tokens
                 ):
                     stretch = ""
             if stretch:
-                ids.extend(token.id for token in backend.model.tokenize(stretch))
+                # The model's offsets count UTF-8 bytes of the stretch; the stretch is the text shifted by `prefix`.
+                char_at_byte = [i for i, char in enumerate(stretch) for _ in char.encode("utf-8")]
+                for token in backend.model.tokenize(stretch):
+                    first, last = token.offsets
+                    chars = (char_at_byte[first], char_at_byte[last - 1] + 1) if last > first else (0, 0)
+                    span = tuple(cursor + max(c - prefix, 0) for c in chars)
+                    ids.append(token.id)
+                    offsets.append(span if span[1] > span[0] else (0, 0))
             if token_id is not None:
                 ids.append(token_id)
+                offsets.append((start, end))
             cursor = end
-        return ids
+        return ids, offsets
+
+    def _encode_prompt(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list | None]:
+        """Ids of one prompt as LLaVA's `tokenizer_image_token` builds them, and the character spans of the tokens
+        in the prompt with each image marker replaced by `replace_image_token` (the text that
+        `get_text_with_replacements` makes): the text is split at the image marker, each piece is tokenized on its
+        own, the first piece's BOS is kept once and the later pieces' first token (their BOS) is dropped, and each
+        image becomes `num_image_tokens` image-token ids."""
+        marker, count = self.image_token, self.num_image_tokens
+        pieces = text.split(marker)
+        encoded = [self._encode_piece_with_offsets(piece, add_special_tokens) for piece in pieces]
+        bos = self.tokenizer.bos_token_id
+        first = encoded[0][0]
+        drop = 1 if add_special_tokens and first and bos is not None and first[0] == bos else 0
+        ids = first[:drop]
+        has_offsets = all(offsets is not None for _, offsets in encoded)
+        spans = list(encoded[0][1][:drop]) if has_offsets else None
+        start = 0  # where the current piece starts in the expanded text
+        for index, (piece, (piece_ids, piece_offsets)) in enumerate(zip(pieces, encoded)):
+            if index > 0:
+                ids.extend([self.image_token_id] * count)
+                if has_offsets:
+                    spans.extend((start + k * len(marker), start + (k + 1) * len(marker)) for k in range(count))
+                start += count * len(marker)
+            ids.extend(piece_ids[drop:])
+            if has_offsets:
+                spans.extend((a + start, b + start) if b > a else (0, 0) for a, b in piece_offsets[drop:])
+            start += len(piece)
+        return ids, spans
 
     def tokenize_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of one prompt as LLaVA's `tokenizer_image_token` builds them: the text is split at the image
-        token, each piece is tokenized on its own, the first piece's BOS is kept once and the later pieces' first
-        token (their BOS) is dropped, and each image becomes `num_image_tokens` image-token ids."""
-        pieces = [self._encode_piece(piece, add_special_tokens) for piece in text.split(self.image_token)]
-        bos = self.tokenizer.bos_token_id
-        offset = 1 if add_special_tokens and pieces[0] and bos is not None and pieces[0][0] == bos else 0
-        ids = pieces[0][:offset]
-        image_ids = [self.image_token_id] * self.num_image_tokens
-        for index, piece in enumerate(pieces):
-            if index > 0:
-                ids.extend(image_ids)
-            ids.extend(piece[offset:])
-        return ids
+        """Token ids of one prompt as the original fed its LLM (see `_encode_prompt`)."""
+        return self._encode_prompt(text, add_special_tokens)[0]
 
-    def _pad(self, sequences, padding, max_length, padding_side):
-        longest = max(len(s) for s in sequences)
-        if padding == "max_length":
-            if max_length is None:
-                raise ValueError("padding='max_length' needs max_length")
-            target = max(longest, max_length)
-        elif padding in (True, "longest"):
-            target = longest
-        else:
-            return sequences, [[1] * len(s) for s in sequences]
-        pad_id = self.tokenizer.pad_token_id
-        if pad_id is None:
-            raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token to pad a batch")
-        side = padding_side or self.padding_side
-        ids, masks = [], []
-        for sequence in sequences:
-            gap = target - len(sequence)
-            pad, ones = [pad_id] * gap, [1] * len(sequence)
-            ids.append(pad + sequence if side == "left" else sequence + pad)
-            masks.append([0] * gap + ones if side == "left" else ones + [0] * gap)
-        return ids, masks
+    def _truncate(self, sequences: list, offsets: list, text_kwargs: dict) -> tuple[list, list]:
+        truncation = text_kwargs.get("truncation")
+        if truncation in NOT_TRUNCATING:
+            return sequences, offsets
+        if truncation not in TRUNCATING:
+            raise ValueError(f"truncation={truncation!r} is not supported: use True, 'longest_first' or False")
+        max_length = text_kwargs.get("max_length") or self.tokenizer.model_max_length
+        left = self.tokenizer.truncation_side == "left"
+        kept_ids, kept_offsets = [], []
+        for index, (full, spans) in enumerate(zip(sequences, offsets)):
+            keep = slice(len(full) - max_length, None) if left else slice(None, max_length)
+            cut = full[keep] if len(full) > max_length else full
+            if cut.count(self.image_token_id) != full.count(self.image_token_id):
+                raise ValueError(
+                    f"Prompt {index} has {len(full)} tokens and max_length={max_length} would cut through its image "
+                    f"tokens ({self.num_image_tokens} per image); raise max_length or shorten the text"
+                )
+            kept_ids.append(cut)
+            kept_offsets.append(spans[keep] if spans is not None and len(full) > max_length else spans)
+        return kept_ids, kept_offsets
 
     def __call__(
         self,
-        images=None,
-        text=None,
-        videos=None,
-        audio=None,
-        return_tensors=None,
-        padding=False,
-        truncation=False,
-        max_length: int | None = None,
-        padding_side: str | None = None,
-        add_special_tokens: bool | None = None,
-        **kwargs,
+        images: ImageInput | list[ImageInput] | list[list[ImageInput]] | None = None,
+        text: TextInput | list[TextInput] | None = None,
+        **kwargs: Unpack[FlorenceVLProcessorKwargs],
     ) -> BatchFeature:
         """Prepare `text` (one prompt or a batch, each `<image>` marking one image) and `images` (one image, a flat
         list in prompt order, or one list per prompt) for the model.
 
         Returns `input_ids`, `attention_mask` and, when there are images, `pixel_values` and `task_prompt_ids`
-        (one row of task prompts per image). Truncation that would cut through an image's tokens is an error.
+        (one row of task prompts per image); on request `offset_mapping`, `mm_token_type_ids` and
+        `text_replacement_offsets`. Options go in `text_kwargs` / `images_kwargs` or flat, as for every transformers
+        processor. Truncation that would cut through an image's tokens is an error.
         """
-        if videos is not None or audio is not None:
-            raise ValueError("FlorenceVLProcessor handles images and text only")
-        if kwargs.pop("original_special_tokens", False):
-            add_special_tokens = None
+        for modality in ("videos", "audio"):
+            if kwargs.pop(modality, None) is not None:
+                raise ValueError(f"FlorenceVLProcessor takes images and text only, not {modality}")
         if text is None:
             raise ValueError("FlorenceVLProcessor needs `text`: put one `<image>` in it for each image")
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(t, str) for t in texts):
             raise ValueError("`text` must be a string or a list of strings")
+        output_kwargs = self._merge_kwargs(
+            FlorenceVLProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
+        text_kwargs = output_kwargs["text_kwargs"]
+        unsupported = [name for name in UNSUPPORTED_TEXT_KWARGS if text_kwargs.get(name)]
+        if unsupported:
+            raise ValueError(f"FlorenceVLProcessor does not support {', '.join(unsupported)}")
+        return_tensors = text_kwargs.get("return_tensors")
+        # Processor-level flags; transformers 5.2x still mirrors them in text_kwargs.
+        flags = {
+            name: text_kwargs.pop(name, output_kwargs.get(name, False))
+            for name in ("return_mm_token_type_ids", "return_text_replacement_offsets")
+        }
+
         counts = [t.count(self.image_token) for t in texts]
         flat_images = self._flatten_images(images, counts)
         if sum(counts) != len(flat_images):
             raise ValueError(
-                f"The prompts contain {sum(counts)} {self.image_token} markers ({counts} per prompt) but "
-                f"{len(flat_images)} images were given: each image needs exactly one {self.image_token} in the text"
+                f"The number of {self.image_token} tokens in the prompts should be the same as the number of images: "
+                f"the prompts contain {sum(counts)} ({counts} per prompt) and {len(flat_images)} images were given"
             )
-
-        sequences = [self.tokenize_prompt(t, add_special_tokens is not False) for t in texts]
-        if truncation not in (False, None, "do_not_truncate") and max_length is not None:
-            truncated = [s[:max_length] for s in sequences]
-            for index, (full, cut) in enumerate(zip(sequences, truncated)):
-                if cut.count(self.image_token_id) != full.count(self.image_token_id):
-                    raise ValueError(
-                        f"Prompt {index} has {len(full)} tokens and max_length={max_length} would cut through "
-                        f"its image tokens ({self.num_image_tokens} per image); raise max_length or shorten the text"
-                    )
-            sequences = truncated
-        input_ids, attention_mask = self._pad(sequences, padding, max_length, padding_side)
-        if return_tensors is not None and len({len(s) for s in input_ids}) > 1:
-            raise ValueError("Prompts of different lengths need padding=True to be returned as tensors")
-        data = {"input_ids": input_ids, "attention_mask": attention_mask}
+        data, replacements = {}, []
         if flat_images:
-            processed = self.image_processor(self.preprocess_images(flat_images), return_tensors=return_tensors)
+            processed, replacements = self._process_images(flat_images, **output_kwargs["images_kwargs"])
             data["pixel_values"] = processed["pixel_values"]
             data["task_prompt_ids"] = [self.task_prompt_ids for _ in flat_images]
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        expanded, replacement_offsets = self.get_text_with_replacements(list(texts), replacements)
 
-    @staticmethod
-    def _flatten_images(images, counts) -> list:
+        add_special_tokens = text_kwargs.get("add_special_tokens") is not False
+        if text_kwargs.get("add_special_tokens_as_original"):
+            add_special_tokens = True
+        encoded = [self._encode_prompt(t, add_special_tokens) for t in texts]
+        sequences, offsets = self._truncate([ids for ids, _ in encoded], [o for _, o in encoded], text_kwargs)
+        padded = self.tokenizer.pad(
+            {"input_ids": sequences},
+            padding=text_kwargs.get("padding") or False,
+            max_length=text_kwargs.get("max_length"),
+            pad_to_multiple_of=text_kwargs.get("pad_to_multiple_of"),
+            padding_side=text_kwargs.get("padding_side"),
+            return_attention_mask=text_kwargs.get("return_attention_mask") is not False,
+        )
+        input_ids = padded["input_ids"]
+        if return_tensors is not None and len({len(s) for s in input_ids}) > 1:
+            raise ValueError("Prompts of different lengths need padding=True to be returned as tensors")
+        data["input_ids"] = input_ids
+        if "attention_mask" in padded:
+            data["attention_mask"] = padded["attention_mask"]
+        if text_kwargs.get("return_offsets_mapping"):
+            if any(spans is None for spans in offsets):
+                raise ValueError("return_offsets_mapping needs a fast tokenizer")
+            side = text_kwargs.get("padding_side") or self.tokenizer.padding_side
+            data["offset_mapping"] = [_pad_to(spans, len(row), side) for spans, row in zip(offsets, input_ids)]
+        if flags["return_mm_token_type_ids"]:
+            data["mm_token_type_ids"] = self.create_mm_token_type_ids(input_ids)
+        if flags["return_text_replacement_offsets"]:
+            data["text_replacement_offsets"] = replacement_offsets
+        self._check_special_mm_tokens(expanded, data, modalities=["image"])
+        return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
+
+    def _flatten_images(self, images, counts) -> list:
+        """One image, a flat list in prompt order, or one list (or None) per prompt -> a flat list."""
         if images is None:
             return []
         if not isinstance(images, (list, tuple)):
             return [images]
-        if len(images) == len(counts) and all(isinstance(i, (list, tuple)) or i is None for i in images):
-            nested = [list(i) if i is not None else [] for i in images]
-            for index, (group, count) in enumerate(zip(nested, counts)):
-                if len(group) != count:
+        if images and all(isinstance(group, (list, tuple)) or group is None for group in images):
+            if len(images) != len(counts):
+                raise ValueError(
+                    f"The number of {self.image_token} tokens in the prompts should be the same as the number of "
+                    f"images: {len(images)} lists of images were given for {len(counts)} prompts"
+                )
+            for index, (group, count) in enumerate(zip(images, counts)):
+                if len(group or []) != count:
                     raise ValueError(
-                        f"Prompt {index} has {count} image markers but {len(group)} images were given for it"
+                        f"The number of {self.image_token} tokens in the prompts should be the same as the number of "
+                        f"images: prompt {index} has {count} and {len(group or [])} images were given for it"
                     )
-            return [image for group in nested for image in group]
+            return [image for group in images for image in group or []]
         return list(images)
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
-        # transformers tokenizes a rendered prompt that starts with BOS without special tokens; the original always
-        # used the tokenizer's defaults (Llama-3.1's prompts therefore start with two BOS tokens).
+        # The original always tokenized with the tokenizer's special tokens (see FlorenceVLTextKwargs).
         processor_kwargs = dict(kwargs.pop("processor_kwargs", None) or {})
-        if "add_special_tokens" not in processor_kwargs and "add_special_tokens" not in kwargs:
-            processor_kwargs["original_special_tokens"] = True
+        chosen = (processor_kwargs, processor_kwargs.get("text_kwargs") or {}, kwargs)
+        if not any("add_special_tokens" in options for options in chosen):
+            processor_kwargs["add_special_tokens_as_original"] = True
         return super().apply_chat_template(conversation, chat_template, processor_kwargs=processor_kwargs, **kwargs)
+
+
+def _pad_to(spans: list, length: int, side: str) -> list:
+    """Token spans padded with `(0, 0)` (the span of a padding token) to `length`, on `side`."""
+    gap = [(0, 0)] * (length - len(spans))
+    return gap + list(spans) if side == "left" else list(spans) + gap
 
 
 __all__ = ["FlorenceVLProcessor"]
