@@ -367,6 +367,7 @@ class FlorenceVLProcessor(ProcessorMixin):
         unsupported = [name for name in UNSUPPORTED_TEXT_KWARGS if text_kwargs.get(name)]
         if unsupported:
             raise ValueError(f"FlorenceVLProcessor does not support {', '.join(unsupported)}")
+        _check_text_kwargs(text_kwargs)
         return_tensors = text_kwargs.get("return_tensors")
         # Processor-level flags; transformers 5.2x still mirrors them in text_kwargs.
         flags = {
@@ -447,6 +448,16 @@ class FlorenceVLProcessor(ProcessorMixin):
         if not any("add_special_tokens" in options for options in chosen):
             processor_kwargs["add_special_tokens_as_original"] = True
         return super().apply_chat_template(conversation, chat_template, processor_kwargs=processor_kwargs, **kwargs)
+
+
+def _check_text_kwargs(text_kwargs: dict):
+    # transformers validates image options against the image processor's typed kwargs, but not text options.
+    if text_kwargs.get("padding_side") not in (None, "left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {text_kwargs['padding_side']!r}")
+    for name in ("max_length", "pad_to_multiple_of"):
+        value = text_kwargs.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _pad_to(spans: list, length: int, side: str) -> list:
