@@ -14,7 +14,7 @@ def test_demo_converts_a_fixture_reloads_remotely_and_answers(tmp_path, capsys):
     assert original["model_type"] == "llava_phi"  # the source is in the original layout
     config = json.loads((output / "converted" / "config.json").read_text())
     assert config["model_type"] == "florence_vl"
-    assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForImageTextToText"}
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}
     report = json.loads((output / "converted" / "conversion_report.json").read_text())
     assert report["verification"]["passed"]
     assert "trust_remote_code=True in a process where florence_vl_hf cannot be imported" in printed

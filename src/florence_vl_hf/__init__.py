@@ -50,6 +50,7 @@ AutoModelForImageTextToText.register(FlorenceVLConfig, FlorenceVLForConditionalG
 AutoProcessor.register(FlorenceVLConfig, FlorenceVLProcessor, exist_ok=True)
 
 FlorenceVLConfig.register_for_auto_class()
+FlorenceVLModel.register_for_auto_class("AutoModel")
 FlorenceVLForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 FlorenceVLProcessor.register_for_auto_class()
 

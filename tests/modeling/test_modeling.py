@@ -98,6 +98,7 @@ def test_save_and_reload_is_exact_and_safetensors_only(tiny, tmp_path, shapes_im
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map == {
         "AutoConfig": "configuration_florence_vl.FlorenceVLConfig",
+        "AutoModel": "modeling_florence_vl.FlorenceVLModel",
         "AutoModelForImageTextToText": "modeling_florence_vl.FlorenceVLForConditionalGeneration",
     }
     processor_map = json.loads((tmp_path / "processor_config.json").read_text())["auto_map"]

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from florence_vl_hf.cli import main
-from florence_vl_hf.training.bundle import MODEL_FILES, bundle_tiny, different_tensors
+from florence_vl_hf.training.bundle import MODEL_FILES, PAYLOAD_FILES, bundle_tiny, different_tensors, payload_sources
 from florence_vl_hf.training.shapes_recipe import TinyRecipe, train_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,8 +24,12 @@ def test_the_bundle_loads_with_the_auto_classes_and_holds_the_trained_weights(tr
     target = bundle_tiny(trained, tmp_path / "package" / "florence_vl_tiny", hardware="a test machine")
     assert sorted(p.name for p in (tmp_path / "package").iterdir()) == ["florence_vl_tiny"]
     names = {p.name for p in target.iterdir()}
-    assert names == {*MODEL_FILES, "README.md", "LICENSE-phi-3.5-tokenizer", "NOTICE-phi-3.5-tokenizer.md"}
-    assert not list(target.glob("*.py")) and "auto_map" not in json.loads((target / "config.json").read_text())
+    assert names == {*MODEL_FILES, *PAYLOAD_FILES, "README.md", "LICENSE-phi-3.5-tokenizer",
+                     "NOTICE-phi-3.5-tokenizer.md"}
+    for name, source in payload_sources().items():  # copies of the package's current sources, outside the package
+        assert not (target / name).is_symlink() and (target / name).read_bytes() == source.read_bytes()
+    auto_map = json.loads((target / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}
     assert different_tensors(trained, target) == []
     model = AutoModelForImageTextToText.from_pretrained(target)
     saved = AutoModelForImageTextToText.from_pretrained(trained)

@@ -221,6 +221,18 @@ class FlorenceVLPreTrainedModel(PreTrainedModel):
             return
         super()._init_weights(module)  # the vision tower's modules get Florence-2's own _init_weights
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # transformers' auto_map names only the class being saved; a trust_remote_code folder ships both model
+        # classes, and serving engines (vLLM's Transformers backend) build the bare model with AutoModel.
+        registered = {
+            cls._auto_class: f"{__name__.rsplit('.', 1)[-1]}.{cls.__name__}"
+            for cls in (FlorenceVLModel, FlorenceVLForConditionalGeneration)
+            if cls._auto_class is not None
+        }
+        if registered:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **registered}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
 
 class FlorenceVLModel(FlorenceVLPreTrainedModel):
     def __init__(self, config: FlorenceVLConfig):

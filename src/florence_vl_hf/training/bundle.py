@@ -13,11 +13,38 @@ from ..processing import asset_dir
 from ..shapes import QUESTION_TYPES
 
 MAX_WEIGHTS_BYTES = 25_000_000
-# What the bundled folder needs to load with the package's registered classes. The trust_remote_code payload (.py
-# files and auto_map) is left out: the package's own code loads it, and copies would go stale.
+# What the bundled folder needs to load with the package's registered classes.
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",
                "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "training_report.json")  # fmt: skip
 LICENCE_FILES = ("LICENSE", "NOTICE.md")  # of the Phi-3.5-mini-instruct tokenizer the model uses
+# The trust_remote_code payload, from the installed package's own sources (never from the trained folder, whose copies
+# date from training), so that the bundle also loads where the package is not importable.
+PAYLOAD_FILES = {
+    "configuration_florence_vl.py": "modeling",
+    "modeling_florence_vl.py": "modeling",
+    "processing_florence_vl.py": "processing",
+}
+
+
+def payload_sources() -> dict[str, Path]:
+    """The package's payload files by name."""
+    package = Path(__file__).resolve().parent.parent
+    return {name: package / folder / name for name, folder in PAYLOAD_FILES.items()}
+
+
+def add_payload(folder, link: bool = False) -> Path:
+    """Put the package's payload files into `folder`: copies, or with `link` relative symlinks to the sources (the
+    package's own bundle: one copy of the code in the repository, resolved into files when a wheel is built)."""
+    folder = Path(folder)
+    for name, source in payload_sources().items():
+        staged = folder / f".{name}.tmp"
+        staged.unlink(missing_ok=True)
+        if link:
+            staged.symlink_to(os.path.relpath(source, folder.resolve()))
+        else:
+            shutil.copyfile(source, staged)
+        os.replace(staged, folder / name)
+    return folder
 
 
 def default_bundle_dir() -> Path:
@@ -45,8 +72,7 @@ def bundle_tiny(model_dir, target=None, hardware: str | None = None) -> Path:
         for name in MODEL_FILES:
             shutil.copyfile(model_dir / name, staging / name)
         config = json.loads((staging / "config.json").read_text())
-        config.pop("auto_map", None)
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        add_payload(staging, link=target.resolve() == default_bundle_dir().resolve())
         tokenizer_assets = asset_dir("phi-3.5-mini-instruct")
         for name in LICENCE_FILES:
             stem, suffix = os.path.splitext(name)

@@ -1,0 +1,1 @@
+../modeling/configuration_florence_vl.py

@@ -1,0 +1,1 @@
+../modeling/modeling_florence_vl.py

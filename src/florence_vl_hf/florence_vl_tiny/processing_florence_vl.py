@@ -1,0 +1,1 @@
+../processing/processing_florence_vl.py
