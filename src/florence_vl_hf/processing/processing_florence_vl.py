@@ -234,28 +234,32 @@ class FlorenceVLProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------------------------------------- text
     def _encode_piece(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self._encode_piece_with_offsets(text, add_special_tokens)[0]
+        return self._encode_piece_with_offsets(text, add_special_tokens, with_offsets=False)[0]
 
-    def _encode_piece_with_offsets(self, text: str, add_special_tokens: bool) -> tuple[list[int], list | None]:
-        """Ids of a text without image markers and their `(start, end)` character spans (None for tokenizers
-        without offsets); tokens that cover no character span `(0, 0)`, as in transformers."""
+    def _encode_piece_with_offsets(
+        self, text: str, add_special_tokens: bool, with_offsets: bool = True
+    ) -> tuple[list[int], list | None]:
+        """Ids of a text without image markers and, `with_offsets`, their `(start, end)` character spans (None
+        otherwise or for tokenizers without offsets); tokens that cover no character span `(0, 0)`, as in
+        transformers."""
         if self.sentencepiece_leading_space:
-            ids, offsets = self._encode_like_slow_sentencepiece(text)
+            ids, offsets = self._encode_like_slow_sentencepiece(text, with_offsets)
             if add_special_tokens and getattr(self.tokenizer, "add_bos_token", False):
-                ids, offsets = [self.tokenizer.bos_token_id, *ids], [(0, 0), *offsets]
+                ids = [self.tokenizer.bos_token_id, *ids]
+                offsets = [(0, 0), *offsets] if offsets is not None else None
             return ids, offsets
-        is_fast = getattr(self.tokenizer, "is_fast", False)
-        encoded = self.tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=is_fast)
-        offsets = [tuple(span) for span in encoded["offset_mapping"]] if is_fast else None
+        with_offsets = with_offsets and getattr(self.tokenizer, "is_fast", False)
+        encoded = self.tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=with_offsets)
+        offsets = [tuple(span) for span in encoded["offset_mapping"]] if with_offsets else None
         return encoded["input_ids"], offsets
 
-    def _encode_like_slow_sentencepiece(self, text: str) -> tuple[list[int], list]:
+    def _encode_like_slow_sentencepiece(self, text: str, with_offsets: bool = True) -> tuple[list[int], list | None]:
         """Ids of the slow sentencepiece LlamaTokenizer (legacy=False) that the original used for Phi-3.5: only the
         start of the text gets the '▁' prefix (a lone '▁' when the text starts with an added token other than the
         named special tokens), and text right after an added token gets none. The fast tokenizer instead prefixes
         every stretch of text between added tokens, so its BPE model is run here on the stretches directly."""
         if not text:
-            return [], []
+            return [], [] if with_offsets else None
         backend = self.tokenizer.backend_tokenizer
         encoding = backend.encode(text, add_special_tokens=False)
         added = self.tokenizer.added_tokens_decoder
@@ -270,7 +274,9 @@ class FlorenceVLProcessor(ProcessorMixin):
                     self.tokenizer.all_special_tokens
                 ):
                     stretch = ""
-            if stretch:
+            if stretch and not with_offsets:
+                ids.extend(token.id for token in backend.model.tokenize(stretch))
+            elif stretch:
                 # The model's offsets count UTF-8 bytes of the stretch; the stretch is the text shifted by `prefix`.
                 char_at_byte = [i for i, char in enumerate(stretch) for _ in char.encode("utf-8")]
                 for token in backend.model.tokenize(stretch):
@@ -283,9 +289,11 @@ class FlorenceVLProcessor(ProcessorMixin):
                 ids.append(token_id)
                 offsets.append((start, end))
             cursor = end
-        return ids, offsets
+        return ids, offsets if with_offsets else None
 
-    def _encode_prompt(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list | None]:
+    def _encode_prompt(
+        self, text: str, add_special_tokens: bool = True, with_offsets: bool = True
+    ) -> tuple[list[int], list | None]:
         """Ids of one prompt as LLaVA's `tokenizer_image_token` builds them, and the character spans of the tokens
         in the prompt with each image marker replaced by `replace_image_token` (the text that
         `get_text_with_replacements` makes): the text is split at the image marker, each piece is tokenized on its
@@ -293,7 +301,7 @@ class FlorenceVLProcessor(ProcessorMixin):
         image becomes `num_image_tokens` image-token ids."""
         marker, count = self.image_token, self.num_image_tokens
         pieces = text.split(marker)
-        encoded = [self._encode_piece_with_offsets(piece, add_special_tokens) for piece in pieces]
+        encoded = [self._encode_piece_with_offsets(piece, add_special_tokens, with_offsets) for piece in pieces]
         bos = self.tokenizer.bos_token_id
         first = encoded[0][0]
         drop = 1 if add_special_tokens and first and bos is not None and first[0] == bos else 0
@@ -315,7 +323,7 @@ class FlorenceVLProcessor(ProcessorMixin):
 
     def tokenize_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of one prompt as the original fed its LLM (see `_encode_prompt`)."""
-        return self._encode_prompt(text, add_special_tokens)[0]
+        return self._encode_prompt(text, add_special_tokens, with_offsets=False)[0]
 
     def _truncate(self, sequences: list, offsets: list, text_kwargs: dict) -> tuple[list, list]:
         truncation = text_kwargs.get("truncation")
@@ -387,12 +395,13 @@ class FlorenceVLProcessor(ProcessorMixin):
             processed, replacements = self._process_images(flat_images, **output_kwargs["images_kwargs"])
             data["pixel_values"] = processed["pixel_values"]
             data["task_prompt_ids"] = [self.task_prompt_ids for _ in flat_images]
-        expanded, replacement_offsets = self.get_text_with_replacements(list(texts), replacements)
+        _, replacement_offsets = self.get_text_with_replacements(list(texts), replacements)
 
         add_special_tokens = text_kwargs.get("add_special_tokens") is not False
         if text_kwargs.get("add_special_tokens_as_original"):
             add_special_tokens = True
-        encoded = [self._encode_prompt(t, add_special_tokens) for t in texts]
+        with_offsets = bool(text_kwargs.get("return_offsets_mapping"))
+        encoded = [self._encode_prompt(t, add_special_tokens, with_offsets) for t in texts]
         sequences, offsets = self._truncate([ids for ids, _ in encoded], [o for _, o in encoded], text_kwargs)
         padded = self.tokenizer.pad(
             {"input_ids": sequences},
@@ -408,7 +417,7 @@ class FlorenceVLProcessor(ProcessorMixin):
         data["input_ids"] = input_ids
         if "attention_mask" in padded:
             data["attention_mask"] = padded["attention_mask"]
-        if text_kwargs.get("return_offsets_mapping"):
+        if with_offsets:
             if any(spans is None for spans in offsets):
                 raise ValueError("return_offsets_mapping needs a fast tokenizer")
             side = text_kwargs.get("padding_side") or self.tokenizer.padding_side
@@ -417,7 +426,6 @@ class FlorenceVLProcessor(ProcessorMixin):
             data["mm_token_type_ids"] = self.create_mm_token_type_ids(input_ids)
         if flags["return_text_replacement_offsets"]:
             data["text_replacement_offsets"] = replacement_offsets
-        self._check_special_mm_tokens(expanded, data, modalities=["image"])
         return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
 
     def _flatten_images(self, images, counts) -> list:
