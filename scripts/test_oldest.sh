@@ -7,7 +7,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 VENV="$WORK/venv"
-REQUIREMENT="$(sed -n 's/^TRANSFORMERS_REQUIREMENT = "\(.*\)"$/\1/p' "$ROOT/src/florence_vl_hf/modeling/configuration_florence_vl.py")"
+# The package's range (setup.cfg); the Hub payload's wider range is covered by scripts/payload_matrix.sh.
+REQUIREMENT="$(sed -n 's/^ *\(transformers[<>=].*\)$/\1/p' "$ROOT/setup.cfg" | head -1)"
 OLDEST="$(echo "$REQUIREMENT" | sed -n 's/.*>=\([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p')"
 [ -n "$OLDEST" ] || { echo "error: no '>=MAJOR.MINOR' floor in $REQUIREMENT" >&2; exit 1; }
 python3 -m venv "$VENV"

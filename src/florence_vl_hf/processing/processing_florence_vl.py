@@ -9,7 +9,7 @@ import os
 from transformers.utils.versions import require_version
 
 # The same range as configuration_florence_vl.TRANSFORMERS_REQUIREMENT (this file can be loaded without that one).
-TRANSFORMERS_REQUIREMENT = "transformers>=5.23,<6"
+TRANSFORMERS_REQUIREMENT = "transformers>=5.19,<6"
 require_version(
     TRANSFORMERS_REQUIREMENT,
     f"Florence-VL's processor supports these transformers releases only: pip install '{TRANSFORMERS_REQUIREMENT}'",
@@ -32,6 +32,53 @@ from transformers.processing_utils import (  # noqa: E402
 from transformers.tokenization_utils_base import TextInput  # noqa: E402
 
 SPIECE_UNDERLINE = "\u2581"
+
+
+def use_slow_sentencepiece_rules(tokenizer, image_token: str):
+    """Make a fast sentencepiece-BPE tokenizer (Llama/Phi-3 style) give the ids of the slow sentencepiece
+    `LlamaTokenizer(legacy=False)` that the original used for Phi-3.5 (transformers 4.43, `use_fast=False`), with
+    text split at `image_token` as LLaVA's `tokenizer_image_token` split it. In place and idempotent; the rules live
+    in the tokenizer's own pipeline, so they are saved in tokenizer.json and serving engines that tokenize with the
+    tokenizer alone (vLLM) get the same ids.
+
+    The slow tokenizer puts '▁' in front of the text only (a lone '▁' when the text starts with an added
+    token that is not one of the named special tokens) and nothing after an added token; the fast one prefixes
+    every stretch between added tokens. Here added tokens are matched after normalization (`normalized=True`), so
+    the normalizer's one prefix stays in front of the first stretch; the image token is matched before it, so each
+    piece around an image is prefixed on its own; spaces become '▁' in the pre-tokenizer, after the added
+    tokens' `rstrip` has seen them. A text that is exactly one added token keeps no lone '▁' (the normalized
+    token contents must stay unchanged); the processor adds it back.
+    """
+    import json
+    import re
+
+    backend = tokenizer.backend_tokenizer
+    state = json.loads(backend.to_str())
+    if state["model"].get("type") != "BPE" or SPIECE_UNDERLINE not in state["model"].get("vocab", {}):
+        raise ValueError("sentencepiece_leading_space needs a sentencepiece-BPE tokenizer (Llama or Phi-3 style)")
+    for added in state["added_tokens"]:
+        added["normalized"] = added["content"] != image_token
+    named = sorted(set(tokenizer.all_special_tokens) - {image_token}, key=len, reverse=True)
+    contents = sorted((a["content"] for a in state["added_tokens"] if a["normalized"]), key=len, reverse=True)
+    pattern = "|".join(map(re.escape, contents))
+    state["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": SPIECE_UNDERLINE},
+            {
+                "type": "Replace",
+                "pattern": {"Regex": rf"\A{SPIECE_UNDERLINE}(?=(?:{pattern})\z|{'|'.join(map(re.escape, named))})"},
+                "content": "",
+            },
+        ],
+    }
+    state["pre_tokenizer"] = {"type": "Metaspace", "replacement": SPIECE_UNDERLINE, "prepend_scheme": "never",
+                              "split": False}  # fmt: skip
+    if state != json.loads(backend.to_str()):
+        rewritten = type(backend).from_str(json.dumps(state))  # a tokenizers.Tokenizer
+        rewritten.encode_special_tokens = backend.encode_special_tokens
+        tokenizer._tokenizer = rewritten
+    return tokenizer
 
 
 def _to_rgb(image, index: int) -> PIL.Image.Image:
@@ -107,6 +154,7 @@ class FlorenceVLTextKwargs(TextKwargs, total=False):
 
 class FlorenceVLProcessorKwargs(ProcessingKwargs, total=False):
     text_kwargs: FlorenceVLTextKwargs
+    _defaults = {}  # read off this class by transformers < 5.20 (TypedDicts do not inherit it); no defaults here
 
 
 # Tokenizer options that have no meaning for prompts with images (pairs, pre-split words, overflowing windows) or
@@ -146,8 +194,9 @@ class FlorenceVLProcessor(ProcessorMixin):
             checkpoints), `"square"` resizes directly.
         sentencepiece_leading_space: tokenize like the slow sentencepiece tokenizer the original used for Phi-3.5
             (transformers 4.43, `use_fast=False`), whose ids differ from the fast tokenizer's around added tokens
-            such as `<|system|>`; the checkpoints were trained on those ids. Needs a fast sentencepiece-BPE
-            tokenizer (Llama/Phi style).
+            such as `<|system|>`; the checkpoints were trained on those ids. Rewrites the tokenizer's pipeline
+            (`use_slow_sentencepiece_rules`), so the saved tokenizer gives those ids by itself. Needs a fast
+            sentencepiece-BPE tokenizer (Llama/Phi style).
     """
 
     valid_processor_kwargs = FlorenceVLProcessorKwargs
@@ -190,6 +239,8 @@ class FlorenceVLProcessor(ProcessorMixin):
             raise ValueError("task_prompt_names, task_prompt_texts and task_prompt_ids need one entry per prompt")
         self.image_aspect_ratio = image_aspect_ratio
         self.sentencepiece_leading_space = sentencepiece_leading_space
+        if sentencepiece_leading_space and tokenizer is not None:
+            use_slow_sentencepiece_rules(tokenizer, image_token)
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token) if tokenizer is not None else None
         if tokenizer is not None and (self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id):
@@ -242,54 +293,33 @@ class FlorenceVLProcessor(ProcessorMixin):
         """Ids of a text without image markers and, `with_offsets`, their `(start, end)` character spans (None
         otherwise or for tokenizers without offsets); tokens that cover no character span `(0, 0)`, as in
         transformers."""
-        if self.sentencepiece_leading_space:
-            ids, offsets = self._encode_like_slow_sentencepiece(text, with_offsets)
-            if add_special_tokens and getattr(self.tokenizer, "add_bos_token", False):
-                ids = [self.tokenizer.bos_token_id, *ids]
-                offsets = [(0, 0), *offsets] if offsets is not None else None
-            return ids, offsets
         with_offsets = with_offsets and getattr(self.tokenizer, "is_fast", False)
         encoded = self.tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=with_offsets)
+        ids = list(encoded["input_ids"])
         offsets = [tuple(span) for span in encoded["offset_mapping"]] if with_offsets else None
-        return encoded["input_ids"], offsets
+        if self.sentencepiece_leading_space and text:
+            first = int(add_special_tokens and bool(getattr(self.tokenizer, "add_bos_token", False)))
+            ids, offsets = self._with_sentencepiece_prefix(text, ids, offsets, first)
+        return ids, offsets
 
-    def _encode_like_slow_sentencepiece(self, text: str, with_offsets: bool = True) -> tuple[list[int], list | None]:
-        """Ids of the slow sentencepiece LlamaTokenizer (legacy=False) that the original used for Phi-3.5: only the
-        start of the text gets the '▁' prefix (a lone '▁' when the text starts with an added token other than the
-        named special tokens), and text right after an added token gets none. The fast tokenizer instead prefixes
-        every stretch of text between added tokens, so its BPE model is run here on the stretches directly."""
-        if not text:
-            return [], [] if with_offsets else None
-        backend = self.tokenizer.backend_tokenizer
-        encoding = backend.encode(text, add_special_tokens=False)
-        added = self.tokenizer.added_tokens_decoder
-        spans = [(token_id, span) for token_id, span in zip(encoding.ids, encoding.offsets) if token_id in added]
-        ids, offsets, cursor = [], [], 0
-        for token_id, (start, end) in spans + [(None, (len(text), len(text)))]:
-            stretch = text[cursor:start].replace(" ", SPIECE_UNDERLINE)
-            prefix = 0
-            if cursor == 0:
-                stretch, prefix = SPIECE_UNDERLINE + stretch, 1
-                if stretch == SPIECE_UNDERLINE and token_id is not None and added[token_id].content in set(
-                    self.tokenizer.all_special_tokens
-                ):
-                    stretch = ""
-            if stretch and not with_offsets:
-                ids.extend(token.id for token in backend.model.tokenize(stretch))
-            elif stretch:
-                # The model's offsets count UTF-8 bytes of the stretch; the stretch is the text shifted by `prefix`.
-                char_at_byte = [i for i, char in enumerate(stretch) for _ in char.encode("utf-8")]
-                for token in backend.model.tokenize(stretch):
-                    first, last = token.offsets
-                    chars = (char_at_byte[first], char_at_byte[last - 1] + 1) if last > first else (0, 0)
-                    span = tuple(cursor + max(c - prefix, 0) for c in chars)
-                    ids.append(token.id)
-                    offsets.append(span if span[1] > span[0] else (0, 0))
-            if token_id is not None:
-                ids.append(token_id)
-                offsets.append((start, end))
-            cursor = end
-        return ids, offsets if with_offsets else None
+    def _with_sentencepiece_prefix(
+        self, text: str, ids: list, offsets: list | None, first: int
+    ) -> tuple[list, list | None]:
+        """The two places where the rewritten tokenizer (`use_slow_sentencepiece_rules`) cannot follow the slow
+        tokenizer alone: a text that is nothing but one added token gets the lone '▁' in front, and the '▁'
+        that the tokenizer prepends covers no character of the text."""
+        prefix_id = self.tokenizer.convert_tokens_to_ids(SPIECE_UNDERLINE)
+        added = {token.content for token in self.tokenizer.added_tokens_decoder.values()}
+        if text in added and text not in set(self.tokenizer.all_special_tokens):
+            ids = [*ids[:first], prefix_id, *ids[first:]]
+            offsets = [*offsets[:first], (0, 0), *offsets[first:]] if offsets is not None else None
+        elif offsets is not None and ids[first:first + 1] == [prefix_id] and self._prefixes(text):
+            offsets = [*offsets[:first], (0, 0), *offsets[first + 1:]]
+        return ids, offsets
+
+    def _prefixes(self, text: str) -> bool:
+        normalizer = self.tokenizer.backend_tokenizer.normalizer
+        return normalizer is not None and len(normalizer.normalize_str(text)) == len(text) + 1
 
     def _encode_prompt(
         self, text: str, add_special_tokens: bool = True, with_offsets: bool = True
