@@ -6,6 +6,9 @@ files the README names: `sign.jpg` and a ShapesVQA split in `shapes/`.
 """
 
 import re
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -61,8 +64,32 @@ def hub_stand_ins(tmp_path):
     return {"original": original, "florence2": original / "vision_tower", "phi3": tmp_path / "hub" / "phi3"}
 
 
+@pytest.fixture
+def chat_server():
+    """`florence-vl serve` in this process (the bundled florence-vl-tiny as "florence-vl-3b") on a free port: the
+    README's client snippet talks to it instead of localhost:8000."""
+    import uvicorn
+
+    import florence_vl_hf
+    from florence_vl_hf.serving import build_app, load_chat_server
+
+    app = build_app(load_chat_server(str(florence_vl_hf.tiny_model_dir()), name="florence-vl-3b", dtype="float32"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the server stopped while starting"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1"
+    server.should_exit = True
+    thread.join(10)
+
+
 @pytest.mark.slow
-def test_readme_snippets_run_as_written(hub_stand_ins, tmp_path, monkeypatch, shapes_image):
+def test_readme_snippets_run_as_written(hub_stand_ins, chat_server, tmp_path, monkeypatch, shapes_image):
     work = tmp_path / "reader"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -70,10 +97,12 @@ def test_readme_snippets_run_as_written(hub_stand_ins, tmp_path, monkeypatch, sh
     make_shapes_data("shapes", num_images=2, seed=0)
     namespace = {"__name__": "__readme__"}
     for line, code in python_blocks():
-        exec(compile(with_local_folders(code, hub_stand_ins), f"README.md:{line}", "exec"), namespace)
+        code = with_local_folders(code, hub_stand_ins).replace('"http://localhost:8000/v1"', repr(chat_server))
+        exec(compile(code, f"README.md:{line}", "exec"), namespace)
     # What the snippets leave behind is what the README says they make.
     assert namespace["model"].__class__.__name__ == "FlorenceVLForConditionalGeneration"
     assert (work / "florence-vl-3b-sft-hf" / "model.safetensors").is_file()
     assert namespace["report"] is not None
     assert (work / "stage2" / "config.json").is_file()
     assert namespace["result"].metrics["train_loss"] > 0 and namespace["result"].skipped == {}
+    assert namespace["reply"].choices[0].finish_reason in ("stop", "length")

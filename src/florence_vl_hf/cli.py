@@ -208,6 +208,24 @@ def _make_shapes_data(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    for name in ("max_images", "max_tokens"):
+        if getattr(args, name) < (0 if name == "max_images" else 1):
+            print(f"error: --{name.replace('_', '-')} must be at least {0 if name == 'max_images' else 1}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+    from .serving import serve
+
+    try:
+        serve(args.model, host=args.host, port=args.port, log_level=args.log_level, name=args.served_model_name,
+              device=args.device, dtype=args.dtype, revision=args.revision, max_images=args.max_images,
+              max_tokens=args.max_tokens)  # fmt: skip
+    except (ImportError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="florence-vl", description="Florence-VL on Hugging Face Transformers")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -286,6 +304,24 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--split", default="train", help="name used in ids and image file names")
     shapes.add_argument("--overwrite", action="store_true")
     shapes.set_defaults(handler=_make_shapes_data)
+
+    serve = commands.add_parser(
+        "serve", help="an OpenAI-compatible chat-completions server (POST /v1/chat/completions) for a Florence-VL model"
+    )
+    serve.add_argument("model", help="a Florence-VL folder or Hub repo id")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", help="the `model` name requests use (default: MODEL as given)")
+    serve.add_argument("--device", help="device of the model (default: cuda if available, else cpu)")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                       help="compute dtype (default: auto, the checkpoint's)")
+    serve.add_argument("--revision", help="revision of a Hub repo")
+    serve.add_argument("--max-images", type=int, default=1,
+                       help="images per request (default: 1, as the original was trained and evaluated)")
+    serve.add_argument("--max-tokens", type=int, default=512,
+                       help="answer length for requests that do not set max_tokens (default: 512)")
+    serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(handler=_serve)
 
     from .training.cli import add_tiny_parsers, add_train_parser
 
