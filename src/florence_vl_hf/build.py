@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
+from .cards import hub_base_model, saved_model_card, write_card
 from .modeling import FlorenceVLForConditionalGeneration
 from .processing import asset_dir, build_processor, template_for_text_config
 
@@ -35,9 +36,12 @@ def build_random_model(config, seed: int = 0, template: str | None = None):
     return model, processor
 
 
-def save_hub_folder(model, processor, output_dir) -> Path:
-    """save_pretrained of model and processor: safetensors, config with auto_map, the payload .py files."""
+def save_hub_folder(model, processor, output_dir, description: str = "") -> Path:
+    """save_pretrained of model and processor: safetensors, config with auto_map, the payload .py files, and a
+    README.md with the Hub metadata (`description` says where the model comes from)."""
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
+    card = saved_model_card(model.config, output_dir.name, description, base_model=hub_base_model(model.name_or_path))
+    write_card(output_dir, card)
     return output_dir

@@ -6,6 +6,7 @@ import torch
 from conftest import write_samples
 from transformers import AutoModelForImageTextToText
 
+from florence_vl_hf.cards import check_card_metadata
 from florence_vl_hf.cli import main
 from florence_vl_hf.tiny import tiny_config
 
@@ -45,6 +46,11 @@ def test_train_from_a_config_then_resume_then_finetune_with_lora(data_folder, tm
                           "--max-steps", "2", "--lora", "--lora-r", "4", "--merge-lora", "--cache-images", "8", *common], capsys)  # fmt: skip
     assert code == 0, captured.err
     assert (out2 / "adapter_config.json").is_file()
+    # every folder the run wrote is a Hub repository with a model card the Hub can list
+    for written, library in ((out, "transformers"), (out2, "peft"), (out2 / "merged", "transformers")):
+        card = check_card_metadata((written / "README.md").read_text(), needs={"library_name": library})
+        assert card.data.pipeline_tag == "image-text-to-text" and card.data.license == "mit", written
+    assert "(pretrain stage, 4 optimizer steps on 3 samples)" in (out / "README.md").read_text()
     merged = AutoModelForImageTextToText.from_pretrained(out2 / "merged")
     stage1 = AutoModelForImageTextToText.from_pretrained(out)
     torch.testing.assert_close(merged.model.vision_tower.state_dict(), stage1.model.vision_tower.state_dict())

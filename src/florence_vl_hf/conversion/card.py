@@ -4,13 +4,13 @@ from importlib import resources
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..cards import check_card_metadata
 from .errors import ConversionError
 
 EXAMPLE_IMAGE = "https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/pipeline-cat-chonk.jpeg"
 EXAMPLE_QUESTION = "What is in the image?"
 LLM_NAMES = {"phi3": "Phi-3.5-mini-instruct", "llama3": "Llama-3.1-8B-Instruct"}
 LICENSES = {"phi3": "mit", "llama3": "llama3.1"}
-REQUIRED_METADATA = {"library_name": "transformers", "pipeline_tag": "image-text-to-text"}
 
 
 def template_text() -> str:
@@ -100,15 +100,10 @@ def render_model_card(report: dict, repo_id: str, template: str = "phi3", base_m
 def validate_model_card(text: str) -> ModelCard:
     """Parse `text` with huggingface_hub and check the metadata the Hub needs; raises ConversionError if not."""
     try:
-        card = ModelCard(text)
-    except Exception as error:
-        raise ConversionError(f"The rendered model card does not parse: {error}") from error
+        card = check_card_metadata(text)
+    except ValueError as error:
+        raise ConversionError(f"The rendered model card is not valid: {error}") from error
     data = card.data.to_dict()
-    for key, value in REQUIRED_METADATA.items():
-        if data.get(key) != value:
-            raise ConversionError(f"Model card metadata {key} is {data.get(key)!r}, expected {value!r}")
-    if not data.get("license"):
-        raise ConversionError("Model card metadata has no license")
     widget = data.get("widget") or []
     contents = [part for example in widget for message in example.get("messages", []) for part in message["content"]]
     if not any(part.get("type") == "image_url" for part in contents) or not any(p.get("type") == "text" for p in contents):

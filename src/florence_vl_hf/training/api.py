@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
 from ..build import save_hub_folder
+from ..cards import complete_adapter_card
 from .data import ConversationDataset, FlorenceVLDataCollator, ImageCache
 from .lora import apply_lora
 from .stages import apply_stage, check_stage, paper_recipe
@@ -149,11 +150,13 @@ def train(
     output = Path(args.output_dir)
     if save:
         model.eval()
+        steps = f"{result.global_step} optimizer steps on {len(dataset)} samples"
         if lora is not None:
             model.save_pretrained(output)
             processor.save_pretrained(output)
+            complete_adapter_card(output, model.config)
         else:
-            save_hub_folder(model, processor, output)
+            save_hub_folder(model, processor, output, description=f"Trained with `florence_vl_hf` ({stage} stage, {steps}).")
     if dataset.skipped:
         logger.warning("%d samples were skipped: %s", len(dataset.skipped), dataset.skipped)
     return TrainResult(trainer=trainer, metrics=result.metrics, skipped=dict(dataset.skipped), output_dir=output)

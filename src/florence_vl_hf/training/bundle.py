@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..cards import check_card_metadata, metadata_block
 from ..processing import asset_dir
 from ..shapes import QUESTION_TYPES
 
@@ -107,7 +108,8 @@ def model_card(report: dict, config: dict, hardware: str | None = None) -> str:
                      for kind in QUESTION_TYPES)  # fmt: skip
     stages = [f"stage {n} {report[f'stage{n}']['seconds'] / 60:.0f} min" for n in (0, 1, 2) if f"stage{n}" in report]
     machine = hardware or report.get("hardware") or "unrecorded hardware"
-    return f"""# florence-vl-tiny
+    text = f"""{metadata_block(config["text_config"]["model_type"])}
+# florence-vl-tiny
 
 A small Florence-VL (a tiny DaViT and BART encoder at {config['image_size']} px, {config['fusion']} fusion, a
 {config['text_config']['num_hidden_layers']}-layer Phi-3 over the real Phi-3.5 tokenizer and chat template),
@@ -127,3 +129,5 @@ Trained with seed {recipe['seed']} on {recipe['train_images']} images: {', '.joi
 Weights: MIT, as the package. The tokenizer files are Phi-3.5-mini-instruct's (`LICENSE-phi-3.5-tokenizer`,
 `NOTICE-phi-3.5-tokenizer.md`).
 """
+    check_card_metadata(text)
+    return text

@@ -161,7 +161,8 @@ def run_train(args) -> int:
         from ..build import save_hub_folder
 
         merged = result.trainer.model.merge_and_unload()
-        save_hub_folder(merged, processor, Path(args.output_dir) / "merged")
+        description = f"Trained with `florence-vl train` ({args.stage} stage, LoRA adapters merged into the LLM)."
+        save_hub_folder(merged, processor, Path(args.output_dir) / "merged", description=description)
     summary = {"output_dir": str(result.output_dir), "metrics": result.metrics, "skipped": result.skipped}
     print(json.dumps(summary, default=str))
     return 0
