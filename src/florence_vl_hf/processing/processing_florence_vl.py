@@ -4,6 +4,7 @@ the way the original LLaVA code fed its LLM, and the Florence-2 task prompts tha
 Part of the Hub payload: imports only torch, transformers and PIL.
 """
 
+import io
 import os
 
 from transformers.utils.versions import require_version
@@ -81,23 +82,47 @@ def use_slow_sentencepiece_rules(tokenizer, image_token: str):
     return tokenizer
 
 
-def _to_rgb(image, index: int) -> PIL.Image.Image:
-    """Any PIL mode (and arrays/tensors, paths, URLs) -> an upright 8-bit RGB PIL image."""
-    if isinstance(image, (str, os.PathLike)):
+# With image_aspect_ratio="pad" an image becomes a square of its longer side before resizing (LLaVA's expand2square):
+# 16384 px per side is an 805 MB RGB canvas, above any camera photo or 1200-dpi A4 scan; a longer side (a 1x30000
+# strip, a 1x200000 PNG) would allocate gigabytes for a 768 px result, so it is refused before the pixels are read.
+MAX_PADDED_SIDE = 16384
+IMAGE_TYPES = "a PIL image, a H×W / H×W×C / C×H×W array or tensor, a path or URL, or encoded bytes"
+
+
+def _to_rgb(image, index: int, max_side: int | None = None) -> PIL.Image.Image:
+    """Any PIL mode (and arrays/tensors, paths, URLs, encoded bytes, file objects) -> an upright 8-bit RGB image."""
+    if isinstance(image, (bytes, bytearray, memoryview)) or hasattr(image, "read"):
+        source = io.BytesIO(bytes(image)) if isinstance(image, (bytes, bytearray, memoryview)) else image
+        try:
+            image = PIL.Image.open(source)
+        except Exception as error:
+            raise ValueError(f"Image {index} could not be decoded: {error}") from error
+    elif isinstance(image, (str, os.PathLike)):
         source = os.fspath(image)
         try:
             image = PIL.Image.open(source) if os.path.isfile(source) else load_image(source)
         except Exception as error:
             raise ValueError(f"Image {index} could not be read from {source!r}: {error}") from error
+    elif hasattr(image, "shape") and hasattr(image, "dtype"):
+        image = _array_to_image(image, index)
     elif not isinstance(image, PIL.Image.Image):
-        image = _array_to_image(image)
+        raise TypeError(f"Image {index} must be {IMAGE_TYPES}; got {type(image).__name__}")
     if image.width == 0 or image.height == 0:
         raise ValueError(f"Image {index} is empty ({image.width}x{image.height})")
+    if max_side is not None and max(image.size) > max_side:
+        image.close()
+        raise ValueError(
+            f"Image {index} is {image.width}x{image.height}: padding it to a square (image_aspect_ratio='pad') would "
+            f"make a {max(image.size)} px square; the limit is {max_side} px per side: resize or crop it first"
+        )
     try:
         image.load()
     except Exception as error:
         raise ValueError(f"Image {index} could not be decoded: {error}") from error
     image = PIL.ImageOps.exif_transpose(image)
+    if image.mode == "F":  # 32-bit float greyscale: read like a float array (values in [0, 1] or [0, 255])
+        values = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.float32).reshape(image.height, image.width)
+        image = _array_to_image(values, index)
     if image.mode.startswith("I;16") or image.mode == "I":
         # 16/32-bit integer greyscale: PIL's convert("RGB") would clip at 255; rescale to 8 bits instead.
         raw = bytearray(image.convert("I").tobytes())  # mode "I": native-endian int32 per pixel
@@ -114,16 +139,38 @@ def _to_uint8(values: torch.Tensor) -> torch.Tensor:
     return values.clamp(0, 255).round().to(torch.uint8)
 
 
-def _array_to_image(array) -> PIL.Image.Image:
-    """HWC or CHW arrays/tensors: uint8 as is, floats in [0, 1] or [0, 255], wider integers as 16-bit."""
-    array = torch.as_tensor(array).detach().cpu()
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+def _array_to_image(array, index: int = 0) -> PIL.Image.Image:
+    """H×W, H×W×C or C×H×W arrays/tensors (C of 1-4; channels last when the last axis can be channels): uint8 as
+    is, bool as 0/255, floats in [0, 1] or [0, 255], wider integers as 16-bit."""
+    dtype = getattr(array, "dtype", None)
+    if getattr(dtype, "isnative", True) is False:  # a big-endian numpy array: torch reads native byte order only
+        array = array.astype(dtype.newbyteorder("="))
+    try:
+        array = torch.as_tensor(array).detach().cpu()
+    except Exception as error:
+        raise TypeError(f"Image {index}: an array of dtype {dtype} is not an image ({error})") from error
+    shape = tuple(array.shape)
+    if array.is_complex():
+        raise TypeError(f"Image {index}: an array of dtype {array.dtype} is not an image")
+    if array.ndim == 3 and shape[-1] not in (1, 2, 3, 4):
+        if shape[0] not in (1, 2, 3, 4):
+            raise ValueError(f"Image {index} has shape {shape}: a 3-d image needs 1 to 4 channels, last or first")
         array = array.permute(1, 2, 0)
-    if array.dtype != torch.uint8:
+    elif array.ndim != 2 and array.ndim != 3:
+        raise ValueError(
+            f"Image {index} has shape {shape}: an array image is H×W, H×W×C or C×H×W (pass several images as a list)"
+        )
+    if array.numel() == 0:
+        raise ValueError(f"Image {index} is empty (shape {shape})")
+    if array.dtype == torch.bool:
+        array = array.to(torch.uint8) * 255
+    elif array.dtype != torch.uint8:
         is_float = array.is_floating_point()
         values = array.to(torch.float64)
         if is_float:
-            scale = 255.0 if values.numel() and values.max() <= 1.0 else 1.0
+            if not torch.isfinite(values).all():
+                raise ValueError(f"Image {index} has NaN or infinite values")
+            scale = 255.0 if values.max() <= 1.0 else 1.0
         else:
             scale = 255.0 / 65535.0 if array.dtype == torch.uint16 or values.max() > 255 else 1.0
         array = _to_uint8(values * scale)
@@ -263,7 +310,8 @@ class FlorenceVLProcessor(ProcessorMixin):
         for index, image in enumerate(images):
             if image is None:
                 raise ValueError(f"Image {index} is None")
-            image = _to_rgb(image, index)
+            max_side = MAX_PADDED_SIDE if self.image_aspect_ratio == "pad" else None
+            image = _to_rgb(image, index, max_side)
             out.append(_pad_to_square(image, fill) if self.image_aspect_ratio == "pad" else image)
         return out
 
@@ -395,9 +443,7 @@ class FlorenceVLProcessor(ProcessorMixin):
                 raise ValueError(f"FlorenceVLProcessor takes images and text only, not {modality}")
         if text is None:
             raise ValueError("FlorenceVLProcessor needs `text`: put one `<image>` in it for each image")
-        texts = [text] if isinstance(text, str) else list(text)
-        if not all(isinstance(t, str) for t in texts):
-            raise ValueError("`text` must be a string or a list of strings")
+        texts = _check_texts(text)
         output_kwargs = self._merge_kwargs(
             FlorenceVLProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
         )
@@ -480,12 +526,51 @@ class FlorenceVLProcessor(ProcessorMixin):
         return list(images)
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        _check_conversations(conversation)
         # The original always tokenized with the tokenizer's special tokens (see FlorenceVLTextKwargs).
         processor_kwargs = dict(kwargs.pop("processor_kwargs", None) or {})
         chosen = (processor_kwargs, processor_kwargs.get("text_kwargs") or {}, kwargs)
         if not any("add_special_tokens" in options for options in chosen):
             processor_kwargs["add_special_tokens_as_original"] = True
         return super().apply_chat_template(conversation, chat_template, processor_kwargs=processor_kwargs, **kwargs)
+
+
+def _check_texts(text) -> list[str]:
+    """`text` as a list of prompts: one string, or a non-empty list/tuple of strings, each valid Unicode."""
+    if isinstance(text, str):
+        texts = [text]
+    elif isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+        texts = list(text)
+    else:
+        got = type(text).__name__ if not isinstance(text, (list, tuple)) else "a list holding non-strings"
+        raise ValueError(f"`text` must be a string or a list of strings; got {got}")
+    if not texts:
+        raise ValueError("`text` is an empty list: pass at least one prompt")
+    for index, prompt in enumerate(texts):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"Prompt {index} is not valid Unicode: a lone surrogate {prompt[error.start]!r} at position {error.start}"
+            ) from error
+    return texts
+
+
+def _check_conversations(conversation):
+    """A chat (a non-empty list of messages with a `role` and a string or list `content`) or a list of chats."""
+    chats = conversation if isinstance(conversation, (list, tuple)) and conversation and all(
+        isinstance(chat, (list, tuple)) for chat in conversation) else [conversation]  # fmt: skip
+    for number, chat in enumerate(chats):
+        where = f"conversation {number}" if len(chats) > 1 else "the conversation"
+        if not isinstance(chat, (list, tuple)) or not chat:
+            raise ValueError(f"{where} must be a non-empty list of messages, got {chat!r:.80}")
+        for index, message in enumerate(chat):
+            # messages are dicts, or objects with the same attributes (transformers accepts both)
+            role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+            if not isinstance(role, str):
+                raise ValueError(f"message {index} of {where} needs a `role` string, got {message!r:.80}")
+            if isinstance(message, dict) and not isinstance(message.get("content"), (str, list, tuple)):
+                raise ValueError(f"message {index} of {where} needs a `content` string or list of parts")
 
 
 def _check_text_kwargs(text_kwargs: dict):
