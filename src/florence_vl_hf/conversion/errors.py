@@ -1,7 +1,9 @@
 """Errors of the conversion tools: each names the file, key or setting at fault."""
 
+from ..errors import CommandError
 
-class ConversionError(RuntimeError):
+
+class ConversionError(CommandError, RuntimeError):
     """The source checkpoint cannot be converted faithfully (unknown/missing key, shape mismatch, bad file...)."""
 
 
@@ -9,5 +11,5 @@ class VerificationError(ConversionError):
     """The converted model does not compute what the source computes."""
 
 
-class PushError(RuntimeError):
+class PushError(CommandError, RuntimeError):
     """Uploading a converted folder to the Hub failed; the folder itself is intact."""
