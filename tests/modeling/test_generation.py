@@ -175,3 +175,28 @@ def test_static_cache_generates_what_the_dynamic_cache_generates(tiny_phi3, shap
     static = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False,
                             cache_implementation="static")
     assert static.tolist() == dynamic.tolist()
+
+
+def test_positions_past_the_language_model_s_limit_are_refused(tiny, shapes_image):
+    model, processor = tiny
+    inputs = processor.apply_chat_template(
+        chat(processor, [shapes_image], "What is here?"), add_generation_prompt=True, tokenize=True,
+        return_dict=True, return_tensors="pt",
+    )
+    prompt_length = inputs["input_ids"].shape[1]
+    text_config = model.config.text_config
+    limit = text_config.max_position_embeddings
+    try:
+        text_config.max_position_embeddings = prompt_length + 2
+        # 3 new tokens take 2 forwards past the prompt (the last token is never fed back): exactly the limit
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, min_new_tokens=3)
+        assert out.shape[1] == prompt_length + 3
+        with pytest.raises(ValueError, match=rf"Positions {prompt_length + 2}\.\.{prompt_length + 2} are past the "
+                                             rf"language model's {prompt_length + 2} positions.*max_new_tokens"):  # fmt: skip
+            model.generate(**inputs, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+        text_config.max_position_embeddings = prompt_length - 1
+        with pytest.raises(ValueError, match=rf"The prompt has {prompt_length} tokens, but the language model takes "
+                                             rf"at most {prompt_length - 1} positions"):  # fmt: skip
+            model(**inputs)
+    finally:
+        text_config.max_position_embeddings = limit

@@ -94,7 +94,9 @@ class FlorenceVLVisionFeatureCache:
     """Fused image features of the last `max_images` images, keyed by a hash of their pixel values and task prompts.
 
     For multi-turn chats about one image: each turn re-sends the image, and a hit skips the vision tower. Entries are
-    the exact tensors an earlier call returned (same dtype and device).
+    the exact tensors an earlier call returned (same dtype and device), without autograd history. They belong to one
+    state of the weights: `sync` drops them all when the weights they came from have changed (in-place updates,
+    `load_state_dict`, optimizer steps and `.to()` all show in the parameters' version counters or storage).
     """
 
     def __init__(self, max_images: int = 8):
@@ -104,6 +106,13 @@ class FlorenceVLVisionFeatureCache:
         self.entries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self.weights_state: tuple | None = None
+
+    def sync(self, weights_state: tuple):
+        """Forget every entry unless `weights_state` is the state the entries were computed with."""
+        if weights_state != self.weights_state:
+            self.entries.clear()
+            self.weights_state = weights_state
 
     @staticmethod
     def key(pixel_values: torch.Tensor, task_prompt_ids: torch.Tensor) -> str:
@@ -124,7 +133,7 @@ class FlorenceVLVisionFeatureCache:
         return entry
 
     def put(self, key: str, depth: torch.Tensor, projected: torch.Tensor):
-        self.entries[key] = (depth, projected)
+        self.entries[key] = (depth.detach(), projected.detach())
         self.entries.move_to_end(key)
         while len(self.entries) > self.max_images:
             self.entries.popitem(last=False)
@@ -132,6 +141,7 @@ class FlorenceVLVisionFeatureCache:
     def clear(self):
         self.entries.clear()
         self.hits = self.misses = 0
+        self.weights_state = None
 
 
 class FlorenceVLVisionTower(Florence2PreTrainedModel):
@@ -274,12 +284,35 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
 
     def enable_vision_feature_cache(self, max_images: int = 8) -> FlorenceVLVisionFeatureCache:
         """Reuse the image features of the last `max_images` images (e.g. a second question about the same image
-        skips the vision tower). Bypassed while training with gradients; `disable_vision_feature_cache()` ends it."""
+        skips the vision tower). Used only while gradients are off (`torch.no_grad()`, `inference_mode()`,
+        `generate`); entries are dropped when the vision weights change, except through `.data` (invisible to autograd
+        too: call `cache.clear()` then). `disable_vision_feature_cache()` ends it."""
         self.vision_feature_cache = FlorenceVLVisionFeatureCache(max_images)
         return self.vision_feature_cache
 
     def disable_vision_feature_cache(self):
         self.vision_feature_cache = None
+
+    def _vision_weights_state(self) -> tuple:
+        vision = (self.vision_tower, self.multi_modal_projector)
+        tensors = [tensor for module in vision for tensor in (*module.parameters(), *module.buffers())]
+        return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+
+    def _check_positions(self, cache: Cache | None, new_positions: int):
+        """Positions past the LLM's `max_position_embeddings` give meaningless output: refuse them."""
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        past = cache.get_seq_length() if cache is not None else 0
+        if limit is None or not isinstance(past, int) or torch.compiler.is_compiling() or past + new_positions <= limit:
+            return
+        if past == 0:
+            raise ValueError(
+                f"The prompt has {new_positions} tokens, but the language model takes at most {limit} positions "
+                "(text_config.max_position_embeddings): shorten the prompt"
+            )
+        raise ValueError(
+            f"Positions {past}..{past + new_positions - 1} are past the language model's {limit} positions "
+            "(text_config.max_position_embeddings): lower max_new_tokens or shorten the prompt"
+        )
 
     @can_return_tuple
     def get_image_features(
@@ -299,7 +332,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         prompts, prompt_mask, used = self._task_prompts(task_prompt_ids, pixel_values.shape[0], pixel_values.device)
         cache = self.vision_feature_cache
         wants_internals = any(kwargs.get(name) for name in ("output_hidden_states", "output_attentions"))
-        if cache is None or wants_internals or (self.training and torch.is_grad_enabled()):
+        if cache is None or wants_internals or torch.is_grad_enabled():
             depth, projected, encoded = self._image_features(pixel_values, prompts, prompt_mask, used, **kwargs)
             return BaseModelOutputWithPooling(
                 last_hidden_state=depth,
@@ -308,6 +341,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
                 attentions=getattr(encoded, "attentions", None),
             )
 
+        cache.sync(self._vision_weights_state())
         keys = [cache.key(pixel_values[i], prompts[i]) for i in range(pixel_values.shape[0])]
         found = [cache.get(key) for key in keys]
         first_row = {}  # one row per distinct image not cached yet
@@ -384,6 +418,7 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and (mm_encoder_outputs or {}).get("image") is not None:
             raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs")
+        self._check_positions(cache, (input_ids if inputs_embeds is None else inputs_embeds).shape[1])
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
