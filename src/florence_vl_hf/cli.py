@@ -30,17 +30,28 @@ def _demo_tiny(args) -> int:
     from . import __version__, tiny_model_dir
     from .processing import asset_dir
 
+    from .errors import CommandError
+
     started = time.perf_counter()
+    if args.question is not None and not args.question.strip():
+        raise CommandError("--question is empty: ask a question, or leave it out for the bundled example's questions")
+    if args.max_new_tokens < 1:
+        raise CommandError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     assets = asset_dir("phi-3.5-mini-instruct").parent
     example = json.loads((assets / "shapes_vqa_example.json").read_text())
-    questions = [{"question": args.question, "answer": None}] if args.question else example["questions"]
+    if args.question is not None:
+        questions = [{"question": args.question, "answer": None}]
+    elif args.image is not None:  # the example's answers are about the example's image only
+        questions = [{"question": DEMO_QUESTION, "answer": None}]
+    else:
+        questions = example["questions"]
     image_path = Path(args.image or assets / "shapes_vqa_example.png")
-    image = PIL.Image.open(image_path).convert("RGB")
     try:
-        folder = tiny_model_dir()
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        with PIL.Image.open(image_path) as opened:
+            image = opened.convert("RGB")
+    except (OSError, PIL.Image.DecompressionBombError) as error:
+        raise CommandError(f"--image {image_path} cannot be read as an image: {error}") from error
+    folder = tiny_model_dir()
     pipe = pipeline("image-text-to-text", model=str(folder))
     size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     print(f"florence_vl_hf {__version__}: florence-vl-tiny ({pipe.model.num_parameters() / 1e6:.1f}M parameters, "
@@ -226,15 +237,36 @@ def _serve(args) -> int:
     return 0
 
 
+def _versions() -> str:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return f"florence-vl {__version__} (transformers {transformers.__version__}, torch {torch.__version__})"
+
+
+class _PrintVersions(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):  # imports torch only when asked
+        print(_versions())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="florence-vl", description="Florence-VL on Hugging Face Transformers")
+    parser.add_argument("--version", action=_PrintVersions, nargs=0, help="print the versions and exit")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
     commands = parser.add_subparsers(dest="command", required=True)
     tiny_demo = commands.add_parser(
         "demo-tiny", help="ask the bundled florence-vl-tiny about a ShapesVQA image through pipeline('image-text-to-text')"
     )
     tiny_demo.add_argument("--image", help="an image (default: the bundled ShapesVQA example)")
-    tiny_demo.add_argument("--question", help="one question (default: the example's questions, with answers)")
-    tiny_demo.add_argument("--max-new-tokens", type=int, default=8)
+    tiny_demo.add_argument(
+        "--question",
+        help=f"one question (default: the bundled example's questions, graded against its answers; "
+        f"with --image, {DEMO_QUESTION!r}, not graded)",
+    )
+    tiny_demo.add_argument("--max-new-tokens", type=int, default=8, help="the most tokens per answer (default: 8)")
     tiny_demo.set_defaults(handler=_demo_tiny)
 
     demo = commands.add_parser(
@@ -339,8 +371,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Expected failures (CommandError, OSError) print one `error:` line and exit 1; anything else is a bug: one line
+    saying so, and its traceback with --debug."""
+    from .errors import CommandError
+
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (CommandError, OSError) as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(error).__name__}: {error} (a bug; --debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -53,6 +53,13 @@ def test_plain_template_supervises_the_caption_and_newline_only(tiny, data_folde
          "must alternate"),
         ({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "<image> A"}]}, "gpt turn"),
         ({"conversations": "not a list"}, "no 'conversations' list"),
+        ({"image": 123}, "'image' must be a file name, got int 123"),
+        ({"image": ["shapes.png"]}, "'image' must be a file name, got list"),
+        ({"image": {"path": "shapes.png"}}, "'image' must be a file name, got dict"),
+        ({"conversations": [{"from": "gpt", "value": "<image>\nAn answer."}]}, "has only a gpt turn"),
+        ({"conversations": [{"from": "human", "value": "<image>\nQ\ud800?"}, {"from": "gpt", "value": "x"}]},
+         "turn 0 is not valid Unicode (position 9)"),
+        ({"conversations": [{"from": "human", "value": "<image>\nDescribe it."}]}, "has no gpt reply to train on"),
     ],
 )  # fmt: skip
 def test_bad_samples_are_reported_by_id_and_skipped(tiny_phi3, data_folder, bad, reason, caplog):
@@ -68,6 +75,16 @@ def test_bad_samples_are_reported_by_id_and_skipped(tiny_phi3, data_folder, bad,
     assert "broken-7" in caplog.text
 
 
+@pytest.mark.parametrize("bad_id", [{"a": 1}, ["x"], 4.5])
+def test_a_sample_whose_id_is_unusable_is_reported_by_its_position(tiny_phi3, data_folder, bad_id):
+    _, processor = tiny_phi3
+    folder, samples = data_folder
+    dataset = ConversationDataset([samples[2], {**samples[0], "id": bad_id, "image": 7}], processor, "phi3",
+                                  image_folder=folder)  # fmt: skip
+    assert supervised_text(processor, dataset[1]["labels"]) == "Hi!<|end|>"
+    assert dataset.skipped == {"sample #1": "'image' must be a file name, got int 7"}
+
+
 def test_a_dataset_without_usable_samples_says_so(tiny_phi3, data_folder):
     _, processor = tiny_phi3
     folder, samples = data_folder
@@ -81,12 +98,17 @@ def test_truncation_keeps_image_tokens_whole_or_drops_the_sample(tiny_phi3, data
     folder, samples = data_folder
     full = ConversationDataset(samples[:1], processor, "phi3", image_folder=folder)[0]
     image_end = max(i for i, t in enumerate(full["input_ids"]) if t == processor.image_token_id) + 1
-    cut = ConversationDataset(samples[:1], processor, "phi3", image_folder=folder, model_max_length=image_end + 3)[0]
-    assert cut["input_ids"] == full["input_ids"][: image_end + 3]
-    assert cut["labels"] == full["labels"][: image_end + 3]
+    keep = next(i for i, label in enumerate(full["labels"]) if label != IGNORE_INDEX) + 2  # two reply tokens
+    cut = ConversationDataset(samples[:1], processor, "phi3", image_folder=folder, model_max_length=keep)[0]
+    assert cut["input_ids"] == full["input_ids"][:keep]
+    assert cut["labels"] == full["labels"][:keep]
     short = ConversationDataset([samples[0], samples[2]], processor, "phi3", image_folder=folder, model_max_length=image_end - 1)
     short[0]
     assert "would cut its image" in short.skipped["caption-1"]
+    reply_cut = ConversationDataset([samples[0], samples[2]], processor, "phi3", image_folder=folder,
+                                    model_max_length=image_end + 1)  # fmt: skip
+    assert supervised_text(processor, reply_cut[0]["labels"]) == "Hi!<|end|>"
+    assert reply_cut.skipped == {"caption-1": f"no reply tokens left after truncation to model_max_length={image_end + 1}"}
 
 
 def test_collator_pads_right_and_stacks_only_real_images(tiny_phi3, data_folder):

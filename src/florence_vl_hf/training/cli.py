@@ -15,10 +15,10 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
         "train",
         help="train a Florence-VL stage (pretrain: everything; finetune: projector + LLM) on LLaVA-format data",
         description="Train Florence-VL with transformers' Trainer. Defaults follow the paper's recipe for the "
-        "stage and the LLM (global batch, learning rate, cosine schedule, 3%% warm-up, no weight decay, 1 epoch); "
+        "stage and the LLM (global batch, learning rate, cosine schedule, 3% warm-up, no weight decay, 1 epoch); "
         "any of them can be overridden. Runs on CPU or GPU; launch with torchrun or accelerate for several GPUs.",
     )
-    parser.add_argument("--stage", choices=STAGES, required=True)
+    parser.add_argument("--stage", choices=STAGES, required=True, help="pretrain (stage 1) or finetune (stage 2)")
     parser.add_argument("--data", required=True, help="LLaVA-format JSON (a list of samples) or JSON lines")
     parser.add_argument("--image-folder", help="folder the samples' 'image' paths are relative to")
     parser.add_argument("--output-dir", required=True)

@@ -65,12 +65,18 @@ def _messages(sample, image_token: str) -> list[dict]:
         raise SampleError(sample_id, "has no 'conversations' list")
     if turns[0].get("from") == "gpt":
         turns = turns[1:]
+    if not turns:
+        raise SampleError(sample_id, "has only a gpt turn (the original drops a leading gpt turn): nothing to answer")
     messages = []
     for index, turn in enumerate(turns):
         role = ROLES.get(turn.get("from"))
         value = turn.get("value")
         if role is None or not isinstance(value, str):
             raise SampleError(sample_id, f"turn {index} needs 'from' in {sorted(ROLES)} and a string 'value'")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise SampleError(sample_id, f"turn {index} is not valid Unicode (position {error.start})") from None
         expected = "user" if index % 2 == 0 else "assistant"
         if role != expected:
             raise SampleError(sample_id, f"turn {index} is from {turn.get('from')!r}; turns must alternate human/gpt")
@@ -90,6 +96,9 @@ def _check_structure(sample) -> None:
     turns = sample.get("conversations")
     if not isinstance(turns, list) or not turns or not all(isinstance(turn, dict) for turn in turns):
         raise SampleError(sample.get("id"), "has no 'conversations' list of turns")
+    image = sample.get("image")
+    if image is not None and not isinstance(image, str):
+        raise SampleError(sample.get("id"), f"'image' must be a file name, got {type(image).__name__} {image!r:.60}")
 
 
 def _check_image_count(sample, image_token: str) -> bool:
@@ -229,6 +238,12 @@ class ConversationDataset(Dataset):
                     f"{len(ids)} tokens; truncating to model_max_length={self.model_max_length} would cut its image",
                 )
             ids, labels = ids[: self.model_max_length], labels[: self.model_max_length]
+            if all(label == IGNORE_INDEX for label in labels):
+                raise SampleError(
+                    sample.get("id"), f"no reply tokens left after truncation to model_max_length={self.model_max_length}"
+                )
+        if all(label == IGNORE_INDEX for label in labels):
+            raise SampleError(sample.get("id"), "has no gpt reply to train on (its loss would be 0)")
         example = {"input_ids": ids, "labels": labels, "pixel_values": None}
         if sample.get("image") is not None:
             path = Path(self.image_folder or ".") / sample["image"]
@@ -258,8 +273,10 @@ class ConversationDataset(Dataset):
             try:
                 return self.example(current)
             except SampleError as error:
-                if error.sample_id not in self.skipped:
-                    self.skipped[error.sample_id] = error.reason
+                # an id that is no string or number (a list, a dict) is reported by its position instead
+                key = error.sample_id if isinstance(error.sample_id, (str, int)) else f"sample #{current}"
+                if key not in self.skipped:
+                    self.skipped[key] = error.reason
                     logger.warning("Skipping %s", error)
         raise RuntimeError(f"None of the {len(self.samples)} samples can be used; see the warnings for the reasons")
 

@@ -1,0 +1,84 @@
+"""The command line's failures: one `error:` line naming the problem and exit code 1; tracebacks only with --debug."""
+
+import re
+
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from florence_vl_hf import __version__, cli
+from florence_vl_hf.cli import DEMO_QUESTION, main
+
+
+def run(capsys, argv):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip().splitlines()
+
+
+@pytest.mark.parametrize(
+    "argv, problem",
+    [(["--image", "{tmp}/missing.png"], "--image {tmp}/missing.png cannot be read as an image: .*No such file"),
+     (["--image", "{tmp}"], "--image {tmp} cannot be read as an image: .*Is a directory"),
+     (["--image", "{tmp}/text.png"], "--image {tmp}/text.png cannot be read as an image: cannot identify"),
+     (["--image", "{tmp}/cut.png"], "--image {tmp}/cut.png cannot be read as an image"),
+     (["--question", "  "], "--question is empty"),
+     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0")],
+)  # fmt: skip
+def test_demo_tiny_refuses_bad_input_in_one_error_line(capsys, tmp_path, argv, problem):
+    (tmp_path / "text.png").write_text("not an image")
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "whole.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:60])
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    code, out, err = run(capsys, ["demo-tiny", *argv])
+    assert code == 1 and out == ""
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert re.search(problem.format(tmp=tmp_path), err[0]), err[0]
+
+
+def test_demo_tiny_asks_a_user_s_image_the_default_question_without_grading(capsys, tmp_path):
+    path = tmp_path / "mine.png"
+    Image.new("RGB", (64, 48), (10, 10, 220)).save(path)
+    code, out, err = run(capsys, ["demo-tiny", "--image", str(path), "--max-new-tokens", "3"])
+    answers = [line for line in out.splitlines() if "->" in line]
+    assert code == 0 and not [line for line in err if line.startswith("error")]
+    assert len(answers) == 1 and answers[0].strip().startswith(DEMO_QUESTION)
+    assert "expected" not in out and "(right)" not in out
+
+
+def test_version_names_the_package_transformers_and_torch(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == (
+        f"florence-vl {__version__} (transformers {transformers.__version__}, torch {torch.__version__})"
+    )
+
+
+def test_a_bug_is_one_line_without_debug_and_a_traceback_with_it(capsys, monkeypatch):
+    def broken(args):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(cli, "_demo_tiny", broken)
+    code, _, err = run(capsys, ["demo-tiny"])
+    assert code == 1
+    assert err == ["error: unexpected ZeroDivisionError: division by zero (a bug; --debug shows the traceback)"]
+    with pytest.raises(ZeroDivisionError):
+        main(["--debug", "demo-tiny"])
+
+
+def test_interrupt_exits_130_quietly(capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_demo_tiny", interrupted)
+    assert run(capsys, ["demo-tiny"])[::2] == (130, ["interrupted"])
+
+
+def test_every_subcommand_s_help_renders_its_percent_signs(capsys):
+    subcommands = next(action for action in cli.build_parser()._actions if action.dest == "command").choices
+    for name, parser in subcommands.items():
+        text = parser.format_help()
+        assert "%%" not in text and "%(" not in text, name
+    assert "3% warm-up" in subcommands["train"].format_help()
