@@ -24,12 +24,14 @@ from transformers.models.florence2.modeling_florence2 import (
     Florence2VisionBackbone,
 )
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, torch_compilable_check
+from transformers.utils import TransformersKwargs, logging, torch_compilable_check
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_florence_vl import DEPTH_FEATURE, FlorenceVLConfig, FlorenceVLVisionConfig
 
+
+logger = logging.get_logger(__name__)
 
 # transformers 5.24 renamed `past_key_values` to `cache` (in outputs and in forward signatures; the old name is
 # accepted until 5.40). The payload runs on both sides of the rename, under the name the installed version uses.
@@ -299,19 +301,22 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
 
     def _check_positions(self, cache: Cache | None, new_positions: int):
-        """Positions past the LLM's `max_position_embeddings` give meaningless output: refuse them."""
-        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        """Warn about positions past the LLM's `max_position_embeddings` (scaled by a linear or dynamic RoPE factor):
+        the model was not trained on them, and answers there are usually meaningless. A warning, not an error, as in
+        transformers, whose own tests run RoPE models past that length."""
+        text_config = self.config.text_config
+        limit = getattr(text_config, "max_position_embeddings", None)
+        rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+        if limit is not None and rope.get("rope_type") in ("linear", "dynamic"):
+            limit = int(limit * rope.get("factor", 1.0))
         past = cache.get_seq_length() if cache is not None else 0
         if limit is None or not isinstance(past, int) or torch.compiler.is_compiling() or past + new_positions <= limit:
             return
-        if past == 0:
-            raise ValueError(
-                f"The prompt has {new_positions} tokens, but the language model takes at most {limit} positions "
-                "(text_config.max_position_embeddings): shorten the prompt"
-            )
-        raise ValueError(
-            f"Positions {past}..{past + new_positions - 1} are past the language model's {limit} positions "
-            "(text_config.max_position_embeddings): lower max_new_tokens or shorten the prompt"
+        what = f"The prompt has {new_positions} tokens" if past == 0 else f"Positions up to {past + new_positions - 1}"
+        logger.warning_once(
+            f"{what}, past the {limit} positions the language model was trained on "
+            "(text_config.max_position_embeddings): its output there is unreliable; shorten the prompt or lower "
+            "max_new_tokens"
         )
 
     @can_return_tuple
