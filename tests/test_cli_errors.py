@@ -82,3 +82,14 @@ def test_every_subcommand_s_help_renders_its_percent_signs(capsys):
         text = parser.format_help()
         assert "%%" not in text and "%(" not in text, name
     assert "3% warm-up" in subcommands["train"].format_help()
+
+
+def test_convert_names_a_broken_source_file_in_one_error_line(capsys, tmp_path):
+    from florence_vl_hf.conversion import make_fixture
+
+    source = make_fixture(tmp_path / "src", "phi3", seed=3)
+    (source / "vision_tower" / "config.json").write_text("[]")
+    code, out, err = run(capsys, ["convert", str(source), str(tmp_path / "out"), "--no-verify"])
+    assert code == 1
+    assert err == [f"error: {source / 'vision_tower' / 'config.json'} holds a JSON list, not an object"]
+    assert not (tmp_path / "out").exists()

@@ -5,7 +5,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from ..modeling import FlorenceVLConfig, FlorenceVLForConditionalGeneration
 from ..processing import IMAGE_TOKEN, IMAGENET_MEAN, IMAGENET_STD, asset_dir, build_processor
 from .card import render_model_card
 from .errors import ConversionError
-from .hub import REPORT_NAME
+from .hub import REPORT_NAME, foreign_auto_map_entries
 from .keys import LLAVA_VISION_PREFIX, Mapped, florence2_to_florence_vl, llava_to_florence_vl
 from .source import (
     BIN_INDEX,
@@ -32,6 +31,8 @@ from .source import (
     SAFETENSORS_SINGLE,
     TensorStore,
     check_llava_settings,
+    check_regular,
+    check_source_files,
     florence2_config,
     read_json,
     resolve_source,
@@ -74,6 +75,7 @@ def open_source(source, revision: str | None = None, token: str | None = None, f
     vision tower was trained), the Florence-2 config and preprocessor come from `florence2_config_dir`, by default the
     bundled Florence-2-large files; the tensors' shapes are checked against it."""
     folder, source_id, revision = resolve_source(source, revision, token)
+    check_source_files(folder)
     config = read_json(folder / "config.json")
     if config.get("model_type") not in LLAVA_MODEL_TYPES:
         raise ConversionError(
@@ -82,12 +84,12 @@ def open_source(source, revision: str | None = None, token: str | None = None, f
         )
     vision_dir = folder / "vision_tower"
     config_dir, config_from = vision_dir, "vision_tower/"
-    if not (vision_dir / "config.json").is_file():
+    if not check_regular(vision_dir / "config.json"):
         config_dir = Path(florence2_config_dir) if florence2_config_dir else asset_dir("florence-2-large")
         config_from = str(florence2_config_dir) if florence2_config_dir else "bundled Florence-2-large config"
-    florence2 = florence2_config(read_json(config_dir / "config.json"))
+    florence2 = florence2_config(read_json(config_dir / "config.json"), str(config_dir / "config.json"))
     preprocessor_path = config_dir / "preprocessor_config.json"
-    preprocessor = read_json(preprocessor_path) if preprocessor_path.is_file() else {}
+    preprocessor = read_json(preprocessor_path) if check_regular(preprocessor_path) else {}
     vision = TensorStore(vision_dir, "vision_tower") if _has_weights(vision_dir) else None
     return Source(folder, source_id, revision, config, florence2, preprocessor, TensorStore(folder, "main"), vision,
                   config_from)  # fmt: skip
@@ -109,7 +111,9 @@ def image_size_from(preprocessor: dict) -> int:
             raise ConversionError(f"vision_tower/preprocessor_config.json has {key}={value!r}; Florence-2 uses {expected!r}")
     if height != width:
         raise ConversionError(f"vision_tower/preprocessor_config.json resizes to {height}x{width}; expected a square")
-    return int(height)
+    if not isinstance(height, int) or isinstance(height, bool) or height <= 0:
+        raise ConversionError(f"vision_tower/preprocessor_config.json has size {size!r}; expected a positive integer")
+    return height
 
 
 def load_tokenizer(source: Source):
@@ -122,6 +126,9 @@ def load_tokenizer(source: Source):
     if (folder / "tokenizer.json").is_file():
         # config= keeps AutoTokenizer away from config.json, whose llava_* model_type transformers does not know.
         tokenizer = AutoTokenizer.from_pretrained(str(folder), config=text_config_from_llava(source.config))
+        # A source's tokenizer auto_map names code the converter never runs: it is not carried into the output.
+        tokenizer.init_kwargs.pop("auto_map", None)
+        tokenizer._auto_map = None
         return tokenizer, len(tokenizer)
     if not (folder / "tokenizer.model").is_file():
         raise ConversionError(f"No tokenizer in {folder}: expected tokenizer.json or tokenizer.model")
@@ -153,12 +160,22 @@ def build_config(source: Source, vocab_rows: int) -> FlorenceVLConfig:
     check_llava_settings(source.config, source.florence2.vision_config.projection_dim)
     text_config = text_config_from_llava(source.config)
     text_config.vocab_size = vocab_rows
-    return FlorenceVLConfig(
-        vision_config=source.florence2.to_dict(),
-        text_config=text_config.to_dict(),
-        image_size=image_size_from(source.preprocessor),
-        projector_type=source.config["mm_projector_type"],
-    )
+    image_size = image_size_from(source.preprocessor)
+    try:
+        config = FlorenceVLConfig(
+            vision_config=source.florence2.to_dict(),
+            text_config=text_config.to_dict(),
+            image_size=image_size,
+            projector_type=source.config["mm_projector_type"],
+        )
+        with torch.device("meta"):
+            FlorenceVLForConditionalGeneration(config)
+    except Exception as error:  # a value the checks above do not know, deep inside transformers
+        raise ConversionError(
+            f"Cannot build the model from {source.folder / 'config.json'} and {source.vision_config_from} config: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    return config
 
 
 @dataclass
@@ -232,10 +249,52 @@ def _check_same(kept: torch.Tensor, kept_store, kept_key, other: torch.Tensor, s
     )
 
 
-def assemble(source: Source, plan: TensorPlan, config: FlorenceVLConfig, dtype: torch.dtype):
-    """The Florence-VL state dict in `dtype`, checked against the model's own keys and shapes, and a summary."""
+def check_stored_dtypes(source: Source, plan: TensorPlan, expected_dtypes: dict[str, torch.dtype], log=print):
+    """Every tensor's stored dtype (from its header, no data read) against what the model expects and what its
+    folder declares: a floating-point weight stored as integers, or one tensor whose header declares another float
+    type than the rest of its folder (a corrupted header: same byte size, reinterpreted bits), is refused by name."""
+    by_store: dict[str, dict] = {}
+    entries = [(target, store, key) for target, (store, key, _) in plan.sources.items()]
+    entries += [(target, store, key) for target, store, key, _ in plan.duplicates]
+    for target, store, key in entries:
+        stored, want = store.dtype(key), expected_dtypes[target]
+        where = f"{store.location(key)}:{key}"
+        if want.is_floating_point and not (isinstance(stored, torch.dtype) and stored.is_floating_point):
+            raise ConversionError(f"{where} is stored as {stored}; the model's {target} is a floating-point weight")
+        if isinstance(stored, torch.dtype) and stored.is_floating_point:
+            by_store.setdefault(store.label, {}).setdefault(stored, []).append(where)
+    declared = source.config.get("torch_dtype", source.config.get("dtype"))
+    for label, groups in by_store.items():
+        if label == "main" and declared in DTYPES and len(groups) == 1 and DTYPES[declared] not in groups:
+            # Uniform, so not a corrupted header: a checkpoint saved in another dtype than its config records.
+            log(f"note: config.json declares torch_dtype {declared}; the main weights are all stored as {next(iter(groups))}")
+        if len(groups) > 1:
+            majority = max(groups, key=lambda d: len(groups[d]))
+            if label == "main" and declared in DTYPES and DTYPES[declared] in groups:
+                majority = DTYPES[declared]
+            odd = [f"{where} ({dtype})" for dtype, wheres in groups.items() if dtype != majority for where in wheres]
+            raise ConversionError(
+                f"{len(odd)} tensors of the {label} weights are stored in another dtype than the other "
+                f"{len(groups[majority])} ({majority}), a corrupted header or a mixed checkpoint: {odd[:3]}"
+            )
+
+
+def _check_finite(tensor: torch.Tensor, where: str):
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        bad = (~torch.isfinite(tensor)).sum().item()
+        nan = torch.isnan(tensor).sum().item()
+        raise ConversionError(
+            f"{where} has {bad:,} non-finite values of {tensor.numel():,} ({nan:,} NaN, {bad - nan:,} Inf): the "
+            "checkpoint is corrupted, nothing is written"
+        )
+
+
+def assemble(source: Source, plan: TensorPlan, config: FlorenceVLConfig, dtype: torch.dtype, log=print):
+    """The Florence-VL state dict in `dtype`, checked against the model's own keys, shapes and dtypes, every tensor
+    finite, and a summary."""
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in FlorenceVLForConditionalGeneration(config).state_dict().items()}
+        model_state = FlorenceVLForConditionalGeneration(config).state_dict()
+    expected = {k: v.shape for k, v in model_state.items()}
     derived, resized = [], {}
     missing = [k for k in expected if k not in plan.sources]
     if TEMPORAL_EMBEDDING_KEY in missing:
@@ -249,6 +308,7 @@ def assemble(source: Source, plan: TensorPlan, config: FlorenceVLConfig, dtype: 
              if target not in expected]  # fmt: skip
     if extra:
         raise ConversionError(f"{len(extra)} source tensors have no place in the Florence-VL model, e.g. {extra[:5]}")
+    check_stored_dtypes(source, plan, {k: v.dtype for k, v in model_state.items()}, log)
 
     duplicates: dict[str, list[tuple[TensorStore, str, bool]]] = {}
     for target, store, key, transpose in plan.duplicates:
@@ -256,6 +316,7 @@ def assemble(source: Source, plan: TensorPlan, config: FlorenceVLConfig, dtype: 
     state, changed_by_cast = {}, 0
     for target, (store, key, transpose) in plan.sources.items():
         tensor = _load(store, key, transpose)
+        _check_finite(tensor, f"{store.location(key)}:{key}")
         for other_store, other_key, other_transpose in duplicates.get(target, []):
             _check_same(tensor, store, key, _load(other_store, other_key, other_transpose), other_store, other_key, target)
         want = expected[target]
@@ -274,6 +335,7 @@ def assemble(source: Source, plan: TensorPlan, config: FlorenceVLConfig, dtype: 
             converted = tensor.to(dtype)
             if tensor.dtype != dtype and not torch.equal(converted.to(tensor.dtype), tensor):
                 changed_by_cast += 1
+                _check_finite(converted, f"{store.location(key)}:{key} cast to {dtype}")
             tensor = converted
         state[target] = tensor.contiguous()
     if TEMPORAL_EMBEDDING_KEY in derived:
@@ -292,29 +354,117 @@ def assemble(source: Source, plan: TensorPlan, config: FlorenceVLConfig, dtype: 
     return state, summary
 
 
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
+
+
+def _sibling_prefix(output_dir: Path, kind: str) -> str:
+    """`.NAME.KIND-` for the folders a run keeps next to OUTPUT_DIR (`partial`: staging, `old`: the output being
+    replaced). NAME is shortened (with a hash) where a valid OUTPUT_DIR name of up to 255 bytes would otherwise give
+    an invalid sibling name; the choice does not depend on the pid, so every run finds every run's folders."""
+    name = output_dir.name
+    if len(os.fsencode(f".{name}.partial-")) + _PID_AND_RANDOM > NAME_MAX:
+        name = f"{name[:40]}~{hashlib.sha256(os.fsencode(name)).hexdigest()[:12]}"
+    return f".{name}.{kind}-"
+
+
+_PID_AND_RANDOM = len("4294967295-0123abcd")
+
+
+def _sibling_name(output_dir: Path, kind: str) -> str:
+    """A sibling folder name carrying this run's pid, so that a later run recognises the folder of a dead run."""
+    return f"{_sibling_prefix(output_dir, kind)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_dead_staging(output_dir: Path, log=print) -> list[Path]:
+    """Remove the staging (and retired) folders that runs into `output_dir` killed by SIGKILL or a power cut left next
+    to it; folders of runs still alive (another conversion into the same folder) are kept. Returns what was removed."""
+    removed = []
+    if not output_dir.parent.is_dir():
+        return removed
+    prefixes = [_sibling_prefix(output_dir, "partial"), _sibling_prefix(output_dir, "old")]
+    for entry in output_dir.parent.iterdir():
+        prefix = next((p for p in prefixes if entry.name.startswith(p)), None)
+        if prefix is None or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid = entry.name[len(prefix):].split("-")[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed.append(entry)
+            log(f"removed {entry.name}, left next to {output_dir.name} by a run that died (pid {pid})")
+    return removed
+
+
+def _create_parents(folder: Path) -> list[Path]:
+    """mkdir -p, returning the folders created (deepest last) so a failed run can remove them again."""
+    missing = []
+    for parent in [folder, *folder.parents]:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise ConversionError(f"Cannot create OUTPUT_DIR under {parent}: it is a file, not a folder")
+            break
+        missing.append(parent)
+    created = []
+    for parent in reversed(missing):
+        parent.mkdir()
+        created.append(parent)
+    return created
+
+
 @contextmanager
-def staged_output(output_dir: Path, overwrite: bool):
-    """Write into a hidden sibling folder and rename it to `output_dir` only when everything succeeded."""
+def staged_output(output_dir: Path, overwrite: bool, log=print):
+    """Write into a hidden sibling folder and rename it to `output_dir` only when everything succeeded. A failure
+    leaves neither the staging folder nor parent folders this run created; an OSError (read-only file system, full
+    disk, no permission) becomes a ConversionError naming OUTPUT_DIR and the cause."""
     output_dir = Path(output_dir).resolve()
     if output_dir.exists() and not output_dir.is_dir():
         raise ConversionError(f"{output_dir} exists and is not a folder")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise ConversionError(f"{output_dir} is not empty (use --overwrite to replace it)")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    if len(os.fsencode(output_dir.name)) > NAME_MAX:
+        raise ConversionError(f"OUTPUT_DIR's name is {len(os.fsencode(output_dir.name))} bytes; file systems allow {NAME_MAX}")
+    created, staging = [], None
     try:
+        created = _create_parents(output_dir.parent)
+        remove_dead_staging(output_dir, log)
+        staging = output_dir.parent / _sibling_name(output_dir, "partial")
+        staging.mkdir(mode=0o700)
         yield staging
         _default_permissions(staging)
         if output_dir.exists():
-            retired = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}")
+            retired = output_dir.parent / _sibling_name(output_dir, "old")
             os.replace(output_dir, retired)
             os.replace(staging, output_dir)
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, output_dir)
+    except OSError as error:
+        if error.filename is not None and not str(error.filename).startswith(str(output_dir.parent)):
+            raise  # reading something else (the source) failed, not writing OUTPUT_DIR
+        raise ConversionError(
+            f"Cannot write OUTPUT_DIR {output_dir}: {error.strerror or error}"
+            f"{f' ({error.filename})' if error.filename else ''}; nothing was written there"
+        ) from error
     finally:
-        if staging.exists():
+        if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+        if not output_dir.exists():
+            for parent in reversed(created):
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
 
 
 def _default_permissions(folder: Path):
@@ -361,52 +511,53 @@ def convert_checkpoint(
     template = source_ckpt.template
     log(f"source {source_ckpt.source_id} ({source_ckpt.config['model_type']}, {template} template) in {source_ckpt.folder}")
 
-    tokenizer, original_vocab = load_tokenizer(source_ckpt)
-    plan = plan_tensors(source_ckpt)
-    embed_key = "model.language_model.embed_tokens.weight"
-    if embed_key not in plan.sources:
-        raise ConversionError("The source has no LLM input embedding (model.embed_tokens.weight)")
-    store, key, _ = plan.sources[embed_key]
-    source_rows = store.shape(key)[0]
-    needed = len(tokenizer) + (0 if IMAGE_TOKEN in tokenizer.get_vocab() else 1)
-    rows = source_rows if needed <= source_rows else -(-needed // EMBEDDING_ROW_MULTIPLE) * EMBEDDING_ROW_MULTIPLE
-    config = build_config(source_ckpt, rows)
-    processor = build_processor(config, tokenizer=tokenizer, template=template)
-    processor.image_aspect_ratio = source_ckpt.config.get("image_aspect_ratio", "pad")
-    state, tensor_summary = assemble(source_ckpt, plan, config, DTYPES[dtype])
-    log(f"mapped {tensor_summary['mapped']} tensors; dropped " + ", ".join(
-        f"{why} ({d['tensors']} tensors, {d['parameters']:,} parameters)" for why, d in tensor_summary["dropped"].items()))  # fmt: skip
+    # Staged first: a read-only, full or misnamed OUTPUT_DIR fails before minutes of reading tensors.
+    with staged_output(output_dir, overwrite, log) as staging:
+        tokenizer, original_vocab = load_tokenizer(source_ckpt)
+        plan = plan_tensors(source_ckpt)
+        embed_key = "model.language_model.embed_tokens.weight"
+        if embed_key not in plan.sources:
+            raise ConversionError("The source has no LLM input embedding (model.embed_tokens.weight)")
+        store, key, _ = plan.sources[embed_key]
+        source_rows = store.shape(key)[0]
+        needed = len(tokenizer) + (0 if IMAGE_TOKEN in tokenizer.get_vocab() else 1)
+        rows = source_rows if needed <= source_rows else -(-needed // EMBEDDING_ROW_MULTIPLE) * EMBEDDING_ROW_MULTIPLE
+        config = build_config(source_ckpt, rows)
+        processor = build_processor(config, tokenizer=tokenizer, template=template)
+        processor.image_aspect_ratio = source_ckpt.config.get("image_aspect_ratio", "pad")
+        state, tensor_summary = assemble(source_ckpt, plan, config, DTYPES[dtype], log)
+        log(f"mapped {tensor_summary['mapped']} tensors; dropped " + ", ".join(
+            f"{why} ({d['tensors']} tensors, {d['parameters']:,} parameters)" for why, d in tensor_summary["dropped"].items()))  # fmt: skip
 
-    generation_config = generation_config_for(template)
-    if generation_config.pad_token_id is None:
-        generation_config.pad_token_id = tokenizer.pad_token_id
-    suppressed = list(range(original_vocab, rows))
-    if suppressed:
-        generation_config.suppress_tokens = suppressed
-    report = {
-        "converter": {"name": "florence_vl_hf", "version": __version__},
-        "source": {
-            "id": source_ckpt.source_id,
-            "revision": source_ckpt.revision,
-            "model_type": source_ckpt.config["model_type"],
-            "template": template,
-            "florence2_config": source_ckpt.vision_config_from,
-            "weight_files": {store.label: sorted(store.files) for store in (source_ckpt.main, source_ckpt.vision) if store},
-        },
-        "output": {"dtype": dtype, "max_shard_size": str(max_shard_size)},
-        "tensors": {k: v for k, v in tensor_summary.items() if k != "dropped_keys"},
-        "dropped_keys": tensor_summary["dropped_keys"],
-        "vocabulary": {
-            "source_embedding_rows": source_rows,
-            "original_vocab_size": original_vocab,
-            "embedding_rows": rows,
-            "image_token_id": processor.image_token_id,
-            "suppressed_token_ids": [suppressed[0], suppressed[-1]] if suppressed else [],
-        },
-        "image_tokens_per_image": config.num_image_tokens,
-    }
+        generation_config = generation_config_for(template)
+        if generation_config.pad_token_id is None:
+            generation_config.pad_token_id = tokenizer.pad_token_id
+        suppressed = list(range(original_vocab, rows))
+        if suppressed:
+            generation_config.suppress_tokens = suppressed
+        report = {
+            "converter": {"name": "florence_vl_hf", "version": __version__},
+            "source": {
+                "id": source_ckpt.source_id,
+                "revision": source_ckpt.revision,
+                "model_type": source_ckpt.config["model_type"],
+                "template": template,
+                "florence2_config": source_ckpt.vision_config_from,
+                "weight_files": {store.label: sorted(store.files) for store in (source_ckpt.main, source_ckpt.vision) if store},
+            },
+            "output": {"dtype": dtype, "max_shard_size": str(max_shard_size)},
+            "tensors": {k: v for k, v in tensor_summary.items() if k != "dropped_keys"},
+            "dropped_keys": tensor_summary["dropped_keys"],
+            "vocabulary": {
+                "source_embedding_rows": source_rows,
+                "original_vocab_size": original_vocab,
+                "embedding_rows": rows,
+                "image_token_id": processor.image_token_id,
+                "suppressed_token_ids": [suppressed[0], suppressed[-1]] if suppressed else [],
+            },
+            "image_tokens_per_image": config.num_image_tokens,
+        }
 
-    with staged_output(output_dir, overwrite) as staging:
         with torch.device("meta"):
             skeleton = FlorenceVLForConditionalGeneration(config).to(DTYPES[dtype])
         skeleton.generation_config = generation_config
@@ -415,6 +566,9 @@ def convert_checkpoint(
         processor.save_pretrained(staging)
         for name in LICENSE_FILES[template]:
             shutil.copyfile(asset_dir(LLM_ASSETS[template]) / name, staging / name)
+        foreign = foreign_auto_map_entries(staging)
+        if foreign:  # load_tokenizer drops the source's; this guards every other way one could get in
+            raise ConversionError(f"The output would carry auto_map entries the converter did not write: {foreign[:3]}")
         log(f"wrote {sum(1 for _ in staging.iterdir())} files to a staging folder")
         if verify:
             from .verify import verify_conversion

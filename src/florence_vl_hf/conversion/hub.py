@@ -10,6 +10,34 @@ from .errors import PushError
 REPORT_NAME = "conversion_report.json"
 
 
+# The trust_remote_code modules the package writes into a folder (the Hub payload).
+PAYLOAD_MODULES = ("configuration_florence_vl", "modeling_florence_vl", "processing_florence_vl")
+
+
+def foreign_auto_map_entries(folder) -> list[str]:
+    """`file: Auto class -> reference` for every auto_map entry in `folder`'s JSON files that does not name one of the
+    package's payload modules, present in the folder: remote code a source could smuggle into a published repo."""
+    foreign = []
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for holder in (content, *(v for v in content.values() if isinstance(v, dict))) if isinstance(content, dict) else ():
+            auto_map = holder.get("auto_map")
+            if auto_map is None:
+                continue
+            entries = auto_map.items() if isinstance(auto_map, dict) else [("?", auto_map)]
+            for auto_class, references in entries:
+                for reference in references if isinstance(references, (list, tuple)) else [references]:
+                    if reference is None:
+                        continue
+                    module = reference.rsplit(".", 1)[0] if isinstance(reference, str) else None
+                    if module not in PAYLOAD_MODULES or not (Path(folder) / f"{module}.py").is_file():
+                        foreign.append(f"{path.name}: {auto_class} -> {reference!r}")
+    return foreign
+
+
 def verified(folder: Path) -> bool:
     """Whether `folder` holds a conversion report whose verification passed."""
     try:
@@ -41,6 +69,12 @@ def push_folder(
     if not verified(folder):
         raise PushError(
             f"{folder} has no {REPORT_NAME} with a passed verification: only verified conversions are pushed"
+        )
+    foreign = foreign_auto_map_entries(folder)
+    if foreign:
+        raise PushError(
+            f"{folder} has auto_map entries naming code the package did not write (trust_remote_code users would run "
+            f"it): {foreign[:3]}"
         )
     if revision and create_pr:
         raise PushError("--revision and --create-pr cannot be combined: a pull request always targets main")

@@ -16,7 +16,7 @@ from .source import TensorStore, florence2_config, read_json, resolve_source
 def florence2_vision_state(folder) -> tuple[object, dict, dict]:
     """(Florence2Config, Florence-VL vision-tower state dict, preprocessor settings) from a Florence-2 checkpoint in
     Microsoft's remote-code layout or transformers' native layout. Its code files are never imported."""
-    config = florence2_config(read_json(folder / "config.json"))
+    config = florence2_config(read_json(folder / "config.json"), str(folder / "config.json"))
     preprocessor_path = folder / "preprocessor_config.json"
     preprocessor = read_json(preprocessor_path) if preprocessor_path.is_file() else {}
     store = TensorStore(folder, "florence2")

@@ -5,8 +5,10 @@ No code from a source folder is ever imported or executed: configs are read as J
 """
 
 import json
+import os
 import re
-from pathlib import Path
+import stat
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import safe_open
@@ -16,6 +18,10 @@ from .errors import ConversionError
 
 SAFETENSORS_INDEX, BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
 SAFETENSORS_SINGLE, BIN_SINGLE = "model.safetensors", "pytorch_model.bin"
+_SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64, "I8": torch.int8,
+    "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
+}  # fmt: skip
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_FILE = (
     r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|pytorch_model(-\d+-of-\d+)?\.bin|"
@@ -64,13 +70,68 @@ def resolve_source(source, revision: str | None = None, token: str | None = None
     return folder, str(source), folder.name
 
 
-def read_json(path: Path) -> dict:
+def check_regular(path: Path) -> bool:
+    """Whether `path` exists as a regular file (after symlinks); a FIFO, device, socket or symlink loop in its place
+    is an error rather than something to read (a FIFO would block the converter forever)."""
     try:
-        return json.loads(Path(path).read_text())
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise ConversionError(f"Missing {path}") from None
+        if os.path.islink(path):
+            raise ConversionError(f"{path} is a broken symlink") from None
+        return False
+    except OSError as error:  # ELOOP, EACCES, ENAMETOOLONG...
+        raise ConversionError(f"Cannot read {path}: {error.strerror or error}") from None
+    if stat.S_ISDIR(mode):
+        return False
+    if not stat.S_ISREG(mode):
+        raise ConversionError(f"{path} is not a regular file (a FIFO, socket or device); expected a file")
+    return True
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file of the source, or a ConversionError naming the file and what is wrong with it."""
+    path = Path(path)
+    if not check_regular(path):
+        raise ConversionError(f"Missing {path}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise ConversionError(f"Cannot read {path}: {error}") from error
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def check_source_files(folder: Path):
+    """Refuse what a conversion would read from `folder` (and its vision_tower/) before anything reads it: special
+    files in place of known files, symlink loops, JSON files that are no object."""
+    for name in ("vision_tower",):
+        path = Path(folder) / name
+        if os.path.islink(path):
+            try:
+                os.stat(path)
+            except OSError as error:
+                raise ConversionError(f"{path} is a symlink that cannot be followed: {error.strerror or error}") from None
+    for sub in ("", "vision_tower"):
+        here = Path(folder) / sub
+        if not here.is_dir():
+            continue
+        pattern = _TOP_LEVEL_FILE if not sub else _VISION_FILE
+        for entry in sorted(here.iterdir()):
+            relative = entry.name if not sub else f"{sub}/{entry.name}"
+            if pattern.match(relative) and check_regular(entry) and entry.suffix == ".json":
+                read_json(entry)
+
+
+def confined_name(folder: Path, name, index: Path) -> str:
+    """A weight file name from an index: a plain relative path inside the checkpoint folder (no absolute path, no
+    `..`), so an index cannot make the converter read files from elsewhere."""
+    if not isinstance(name, str) or not name:
+        raise ConversionError(f"{index} names the weight file {name!r}; expected a file name")
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if PurePosixPath(name).is_absolute() or Path(name).is_absolute() or ".." in parts or not parts:
+        raise ConversionError(f"{index} names the weight file {name!r}, outside {folder}; only files inside it are read")
+    return name
 
 
 class TensorStore:
@@ -81,14 +142,14 @@ class TensorStore:
         self.files: dict[str, list[str]] = {}  # file name -> keys
         self._where: dict[str, str] = {}
         self._open: dict[str, object] = {}
-        index = next((name for name in (SAFETENSORS_INDEX, BIN_INDEX) if (self.folder / name).is_file()), None)
+        index = next((name for name in (SAFETENSORS_INDEX, BIN_INDEX) if check_regular(self.folder / name)), None)
         if index is not None:
             weight_map = read_json(self.folder / index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ConversionError(f"{self.folder / index} has no weight_map")
             listed: dict[str, set[str]] = {}
             for key, name in weight_map.items():
-                listed.setdefault(name, set()).add(key)
+                listed.setdefault(confined_name(self.folder, name, self.folder / index), set()).add(key)
             for name, keys in sorted(listed.items()):
                 present = set(self._scan(name))
                 if keys - present:
@@ -100,7 +161,7 @@ class TensorStore:
                         f"{self.folder / name} holds tensors the index does not list: {sorted(present - keys)[:3]}"
                     )
         else:
-            single = [name for name in (SAFETENSORS_SINGLE, BIN_SINGLE) if (self.folder / name).is_file()]
+            single = [name for name in (SAFETENSORS_SINGLE, BIN_SINGLE) if check_regular(self.folder / name)]
             if not single:
                 raise ConversionError(
                     f"No weights in {self.folder}: expected {SAFETENSORS_INDEX}, {BIN_INDEX}, {SAFETENSORS_SINGLE} or "
@@ -110,7 +171,7 @@ class TensorStore:
 
     def _scan(self, name: str) -> list[str]:
         path = self.folder / name
-        if not path.is_file():
+        if not check_regular(path):
             raise ConversionError(f"Missing weight file {path}")
         try:
             if name.endswith(".safetensors"):
@@ -153,6 +214,15 @@ class TensorStore:
         handle = self._open[name]
         return tuple(handle.get_slice(key).get_shape() if name.endswith(".safetensors") else handle[key].shape)
 
+    def dtype(self, key: str) -> torch.dtype | str:
+        """The tensor's stored dtype without reading its data (a safetensors header name torch lacks as a string)."""
+        name = self._where[key]
+        handle = self._open[name]
+        if not name.endswith(".safetensors"):
+            return handle[key].dtype
+        stored = handle.get_slice(key).get_dtype()
+        return _SAFETENSORS_DTYPES.get(stored, stored)
+
     def get(self, key: str) -> torch.Tensor:
         name = self._where[key]
         handle = self._open[name]
@@ -166,6 +236,49 @@ class TensorStore:
 
 # ---- configs ----------------------------------------------------------------------------------------------------
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_sizes(config: dict, where: str, required=(), optional=(), divisible=()):
+    """Refuse sizes a model cannot be built from, naming the file and key: `required` keys must be present positive
+    integers, `optional` ones positive integers when present, and each (a, b) of `divisible` a multiple a % b == 0."""
+    for key in required:
+        if key not in config:
+            raise ConversionError(f"{where} has no {key!r}")
+    for key in (*required, *optional):
+        if key in config and not _positive_int(config[key]):
+            raise ConversionError(f"{where} has {key}={config[key]!r}; expected a positive integer")
+    for a, b in divisible:
+        if a in config and b in config and config[a] % config[b]:
+            raise ConversionError(f"{where} has {a}={config[a]}, not a multiple of {b}={config[b]}")
+
+
+def check_stage_lists(config: dict, where: str, keys, element=_positive_int, length: int | None = None) -> int:
+    """DaViT's per-stage lists: present, one entry per stage each, valid entries; returns the number of stages."""
+    for key in keys:
+        value = config.get(key)
+        if not isinstance(value, list) or not value:
+            raise ConversionError(f"{where} has {key}={value!r}; expected a list with one entry per DaViT stage")
+        length = len(value) if length is None else length
+        if len(value) != length:
+            raise ConversionError(
+                f"{where} has {key} with {len(value)} entries; the other per-stage lists have {length}"
+            )
+        if not all(element(v) for v in value):
+            raise ConversionError(f"{where} has {key}={value!r}; expected positive integers")
+    return length
+
+
+_BART_SIZES = (
+    "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
+    "encoder_ffn_dim", "decoder_ffn_dim", "vocab_size", "max_position_embeddings",
+)  # fmt: skip
+_BART_DIVISIBLE = (("d_model", "encoder_attention_heads"), ("d_model", "decoder_attention_heads"))
+_LLM_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+_LLM_DIVISIBLE = (("hidden_size", "num_attention_heads"), ("num_attention_heads", "num_key_value_heads"))
+
+
 _DAVIT_RENAMES = {"dim_embed": "embed_dim"}
 _DAVIT_KEYS = (
     "depths", "num_heads", "num_groups", "patch_size", "patch_stride", "patch_padding", "patch_prenorm",
@@ -174,25 +287,44 @@ _DAVIT_KEYS = (
 _BART_DROP = ("architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype", "auto_map")
 
 
-def florence2_config(config: dict) -> Florence2Config:
+def florence2_config(config: dict, where: str = "The Florence-2 config") -> Florence2Config:
     """transformers' Florence2Config from a Florence-2 config.json in Microsoft's remote-code layout (vision_config
-    with dim_embed, image_pos_embed, visual_temporal_embedding) or in transformers' native layout."""
-    vision = dict(config.get("vision_config") or {})
-    text = dict(config.get("text_config") or {})
-    if not vision or not text:
-        raise ConversionError("The Florence-2 config needs both vision_config and text_config")
-    if "dim_embed" not in vision:  # already native
+    with dim_embed, image_pos_embed, visual_temporal_embedding) or in transformers' native layout. `where` names the
+    file in errors."""
+    vision, text = config.get("vision_config"), config.get("text_config")
+    if not isinstance(vision, dict) or not isinstance(text, dict) or not vision or not text:
+        raise ConversionError(f"{where} needs both vision_config and text_config (JSON objects)")
+    vision, text = dict(vision), dict(text)
+    check_sizes(text, f"{where} text_config", _BART_SIZES, divisible=_BART_DIVISIBLE)
+    native = "dim_embed" not in vision
+    check_sizes(vision, f"{where} vision_config", ("projection_dim", "window_size"))
+    dims = "embed_dim" if native else "dim_embed"
+    stages = check_stage_lists(vision, f"{where} vision_config", (dims, "depths", "num_heads", "num_groups"))
+    check_stage_lists(vision, f"{where} vision_config", ("patch_size", "patch_stride"), length=stages)
+    check_stage_lists(vision, f"{where} vision_config", ("patch_padding",), length=stages,
+                      element=lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)  # fmt: skip
+    for dim, heads in zip(vision[dims], vision["num_heads"]):
+        if dim % heads:
+            raise ConversionError(f"{where} vision_config has {dims} {vision[dims]} not divisible by num_heads {vision['num_heads']}")
+    if native:
         return Florence2Config.from_dict(config)
     if vision.get("model_type") not in ("davit", "", None):
         raise ConversionError(f"Florence-2 vision_config.model_type {vision['model_type']!r}: only DaViT is supported")
     position = vision.get("image_pos_embed") or {}
     temporal = vision.get("visual_temporal_embedding") or {}
-    if position.get("type") != "learned_abs_2d" or temporal.get("type") != "COSINE":
+    if not isinstance(position, dict) or not isinstance(temporal, dict) or (
+        position.get("type") != "learned_abs_2d" or temporal.get("type") != "COSINE"
+    ):
         raise ConversionError(
-            f"Unsupported Florence-2 embeddings: image_pos_embed {position}, visual_temporal_embedding {temporal}"
+            f"Unsupported Florence-2 embeddings in {where}: image_pos_embed {position}, visual_temporal_embedding "
+            f"{temporal}"
         )
+    check_sizes(position, f"{where} vision_config.image_pos_embed", ("max_pos_embeddings",))
+    check_sizes(temporal, f"{where} vision_config.visual_temporal_embedding", ("max_temporal_embeddings",))
+    check_stage_lists(vision, f"{where} vision_config", ("patch_prenorm",), length=stages,
+                      element=lambda v: isinstance(v, bool))  # fmt: skip
     sources = vision.get("image_feature_source", ["spatial_avg_pool", "temporal_avg_pool"])
-    if list(sources) != ["spatial_avg_pool", "temporal_avg_pool"]:
+    if not isinstance(sources, list) or sources != ["spatial_avg_pool", "temporal_avg_pool"]:
         raise ConversionError(f"Unsupported Florence-2 image_feature_source {sources}")
     davit = {_DAVIT_RENAMES.get(k, k): v for k, v in vision.items() if k in _DAVIT_KEYS or k in _DAVIT_RENAMES}
     davit.update(
@@ -225,8 +357,12 @@ def text_config_from_llava(config: dict):
             f"config.json has model_type {model_type!r}; expected one of {sorted(LLAVA_MODEL_TYPES)} (the original "
             "Florence-VL checkpoints)"
         )
+    check_sizes(config, "config.json", _LLM_SIZES, ("num_key_value_heads", "max_position_embeddings"), _LLM_DIVISIBLE)
     keys = {k: v for k, v in config.items() if k not in LLAVA_CONFIG_KEYS and k not in _LLM_DROP and k != "model_type"}
-    return AutoConfig.for_model(LLAVA_MODEL_TYPES[model_type], **keys)
+    try:
+        return AutoConfig.for_model(LLAVA_MODEL_TYPES[model_type], **keys)
+    except Exception as error:  # e.g. a malformed rope_scaling, refused by transformers' own validation
+        raise ConversionError(f"config.json: {type(error).__name__}: {error}") from error
 
 
 def check_llava_settings(config: dict, projection_dim: int):
