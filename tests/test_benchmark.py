@@ -42,8 +42,12 @@ def test_bench_prints_the_table_and_writes_the_json(tmp_path, capsys):
 
 
 def test_unknown_shape_is_named(capsys):
-    assert main(["bench", "--shapes", "tiny,huge"]) == 2
-    assert "huge" in capsys.readouterr().err
+    assert main(["bench", "--shapes", "tiny,huge"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --shapes: unknown shape(s) huge; choose from tiny, base, large"
+    assert main(["bench", "--shapes", ","]) == 1
+    assert capsys.readouterr().err.strip() == "error: --shapes: no shape in ','; choose from tiny, base, large"
+    assert main(["bench", "--decode-tokens", "2"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --decode-tokens must be at least 3, got 2"
 
 
 def test_a_shape_that_does_not_fit_is_skipped_and_reported(monkeypatch):

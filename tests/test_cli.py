@@ -24,6 +24,7 @@ def test_demo_converts_a_fixture_reloads_remotely_and_answers(tmp_path, capsys):
 
 def test_demo_refuses_a_non_empty_output_dir(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("precious")
-    assert main(["demo", "--output-dir", str(tmp_path)]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert main(["demo", "--output-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --output-dir {tmp_path.resolve()} is not empty (use --overwrite to replace it)"]
     assert (tmp_path / "keep.txt").read_text() == "precious"

@@ -1,5 +1,6 @@
 """The command line's failures: one `error:` line naming the problem and exit code 1; tracebacks only with --debug."""
 
+import argparse
 import re
 
 import pytest
@@ -84,6 +85,72 @@ def test_every_subcommand_s_help_renders_its_percent_signs(capsys):
     assert "3% warm-up" in subcommands["train"].format_help()
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["demo", "--output-dir", "{tmp}/full"], "--output-dir {tmp}/full is not empty (use --overwrite to replace it)"),
+     (["demo", "--output-dir", "{tmp}/new", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+     (["convert", "{tmp}/none", "{tmp}/out", "--no-verify", "--push-to-hub", "a/b"],
+      "--push-to-hub cannot be combined with --no-verify: only verified conversions are pushed"),
+     (["serve", "{tmp}", "--max-images", "-1"], "--max-images must be at least 0, got -1"),
+     (["serve", "{tmp}", "--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),
+     (["bench", "--shapes", "tiny,huge"], "--shapes: unknown shape(s) huge; choose from tiny, base, large"),
+     (["bench", "--repeats", "0"], "--repeats must be at least 1, got 0"),
+     (["bench", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+     (["alignment", "--model", "{tmp}", "--data", "{tmp}/c.json", "--output", "{tmp}/p.png", "--steps", "0"],
+      "--steps must be at least 1, got 0"),
+     (["alignment", "--model", "{tmp}", "--data", "{tmp}/c.json", "--output", "{tmp}/p.png", "--batch-size", "1"],
+      "--batch-size must be at least 2, got 1"),
+     (["alignment", "--model", "{tmp}", "--data", "{tmp}/c.json", "--output", "{tmp}/p.png", "--num-pairs", "1"],
+      "--num-pairs must be at least 2, got 1")],
+)  # fmt: skip
+def test_a_refused_option_value_is_one_error_line_and_exit_1(capsys, tmp_path, argv, message):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("precious")
+    code, out, err = run(capsys, [arg.format(tmp=tmp_path.resolve()) for arg in argv])
+    assert (code, out, err) == (1, "", [f"error: {message.format(tmp=tmp_path.resolve())}"])
+    assert (tmp_path / "full" / "keep.txt").read_text() == "precious"
+    assert not (tmp_path / "new").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, problem",
+    [(["serve", "m", "--max-images", "many"], "argument --max-images: invalid int value: 'many'"),
+     (["convert", "src"], "the following arguments are required: output_dir"),
+     (["bench", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+     (["demo-tiny", "--max-new-tokens"], "argument --max-new-tokens: expected one argument"),
+     (["make-fixture", "out", "--llm", "gpt"], "argument --llm: invalid choice: 'gpt'"),
+     (["no-such-command"], "invalid choice: 'no-such-command'")],
+)  # fmt: skip
+def test_argparse_usage_errors_keep_exit_2_with_the_usage(capsys, argv, problem):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: florence-vl") and problem in err, err
+
+
+def _undocumented(parser: argparse.ArgumentParser, path: str) -> list[str]:
+    missing = []
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, subparser in action.choices.items():
+                if not (helps.get(name) or "").strip():
+                    missing.append(f"{path} {name}")
+                missing += _undocumented(subparser, f"{path} {name}")
+        elif not (action.help or "").strip() or action.help == argparse.SUPPRESS:
+            missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+    return missing
+
+
+def test_every_subcommand_and_option_has_help():
+    parser = cli.build_parser()
+    assert _undocumented(parser, "florence-vl") == []
+    subcommands = next(action for action in parser._actions if action.dest == "command").choices
+    assert {"demo-tiny", "demo", "convert", "make-fixture", "push", "make-shapes-data", "serve", "train", "train-tiny",
+            "bundle-tiny", "ablations", "eval-shapes", "alignment", "bench"} <= set(subcommands)  # fmt: skip
 def test_convert_names_a_broken_source_file_in_one_error_line(capsys, tmp_path):
     from florence_vl_hf.conversion import make_fixture
 
@@ -91,5 +158,6 @@ def test_convert_names_a_broken_source_file_in_one_error_line(capsys, tmp_path):
     (source / "vision_tower" / "config.json").write_text("[]")
     code, out, err = run(capsys, ["convert", str(source), str(tmp_path / "out"), "--no-verify"])
     assert code == 1
-    assert err == [f"error: {source / 'vision_tower' / 'config.json'} holds a JSON list, not an object"]
+    assert err == [f"error: {source / 'vision_tower' / 'config.json'} holds a JSON list, not an object (nothing was "
+                   f"written to {tmp_path / 'out'})"]
     assert not (tmp_path / "out").exists()

@@ -642,10 +642,12 @@ def add_bench_parser(commands):
     )
     bench.add_argument("--shapes", default="tiny,base", help="comma-separated: tiny, base, large (default tiny,base)")
     bench.add_argument("--json", help="also write the full results to this JSON file")
-    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    bench.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
-    bench.add_argument("--warmup", type=int, default=1)
-    bench.add_argument("--decode-tokens", type=int, default=16)
+    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="device to measure on (default: cuda if available, else cpu)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median; default 3)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed runs before each measurement (default 1)")
+    bench.add_argument("--decode-tokens", type=int, default=16,
+                       help="tokens generated per decode measurement (at least 3; default 16)")
     bench.add_argument("--batch-size", type=int, default=8, help="the larger batch (vision and decode)")
     bench.add_argument("--compile", action="store_true",
                        help="also time decoding with a static cache and generate()'s torch.compile (slow to compile)")
@@ -654,14 +656,17 @@ def add_bench_parser(commands):
 
 
 def _bench(args) -> int:
+    from .errors import CommandError, require_at_least
+
     shapes = [name.strip() for name in args.shapes.split(",") if name.strip()]
     unknown = [name for name in shapes if name not in SHAPE_NAMES]
     if unknown or not shapes:
-        print(f"error: unknown shape(s) {unknown}: choose from {', '.join(SHAPE_NAMES)}", file=sys.stderr)
-        return 2
-    if args.decode_tokens < 3:
-        print("error: --decode-tokens must be at least 3", file=sys.stderr)
-        return 2
+        named = f"unknown shape(s) {', '.join(unknown)}" if unknown else f"no shape in {args.shapes!r}"
+        raise CommandError(f"--shapes: {named}; choose from {', '.join(SHAPE_NAMES)}")
+    require_at_least("--repeats", args.repeats, 1)
+    require_at_least("--warmup", args.warmup, 0)
+    require_at_least("--decode-tokens", args.decode_tokens, 3)
+    require_at_least("--batch-size", args.batch_size, 1)
     report = run_benchmark(shapes, args.device, args.repeats, args.warmup, args.decode_tokens, args.batch_size,
                            args.work_dir, args.compile, log=lambda message: print(message, file=sys.stderr, flush=True))  # fmt: skip
     print(format_table(report))

@@ -28,15 +28,13 @@ def _demo_tiny(args) -> int:
     from transformers import pipeline
 
     from . import __version__, tiny_model_dir
+    from .errors import CommandError, require_at_least
     from .processing import asset_dir
-
-    from .errors import CommandError
 
     started = time.perf_counter()
     if args.question is not None and not args.question.strip():
         raise CommandError("--question is empty: ask a question, or leave it out for the bundled example's questions")
-    if args.max_new_tokens < 1:
-        raise CommandError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    require_at_least("--max-new-tokens", args.max_new_tokens, 1)
     assets = asset_dir("phi-3.5-mini-instruct").parent
     example = json.loads((assets / "shapes_vqa_example.json").read_text())
     if args.question is not None:
@@ -71,13 +69,14 @@ def _demo_tiny(args) -> int:
 def _demo(args) -> int:
     from . import __version__
     from .conversion import ConversionError, convert_checkpoint, make_fixture
+    from .errors import CommandError, require_at_least
     from .isolation import run_without_package
     from .processing import asset_dir
 
     output_dir = Path(args.output_dir).resolve()
     if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
-        print(f"error: {output_dir} is not empty (use --overwrite)", file=sys.stderr)
-        return 2
+        raise CommandError(f"--output-dir {output_dir} is not empty (use --overwrite to replace it)")
+    require_at_least("--max-new-tokens", args.max_new_tokens, 1)
     if output_dir.exists():
         shutil.rmtree(output_dir)
     image = asset_dir("phi-3.5-mini-instruct").parent / "shapes.png"
@@ -149,10 +148,10 @@ def _push(args) -> int:
 
 def _convert(args) -> int:
     from .conversion import ConversionError, convert_checkpoint
+    from .errors import CommandError
 
     if args.push_to_hub and args.no_verify:
-        print("error: --push-to-hub needs the verification: only verified conversions are pushed", file=sys.stderr)
-        return 2
+        raise CommandError("--push-to-hub cannot be combined with --no-verify: only verified conversions are pushed")
     try:
         report = convert_checkpoint(
             args.source,
@@ -169,8 +168,7 @@ def _convert(args) -> int:
             florence2_config_dir=args.florence2_config,
         )
     except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        print(f"nothing was written to {args.output_dir}", file=sys.stderr)
+        print(f"error: {error} (nothing was written to {args.output_dir})", file=sys.stderr)
         return 1
     return _push_folder(args, args.output_dir, args.push_to_hub) if args.push_to_hub else 0
 
@@ -220,11 +218,12 @@ def _make_shapes_data(args) -> int:
 
 
 def _serve(args) -> int:
-    for name in ("max_images", "max_tokens"):
-        if getattr(args, name) < (0 if name == "max_images" else 1):
-            print(f"error: --{name.replace('_', '-')} must be at least {0 if name == 'max_images' else 1}",
-                  file=sys.stderr)  # fmt: skip
-            return 2
+    from .errors import CommandError, require_at_least
+
+    require_at_least("--max-images", args.max_images, 0)
+    require_at_least("--max-tokens", args.max_tokens, 1)
+    if not 0 <= args.port <= 65535:
+        raise CommandError(f"--port must be between 0 and 65535, got {args.port}")
     from .serving import serve
 
     try:
@@ -274,13 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="make a tiny original-layout checkpoint, convert and verify it, reload it with trust_remote_code and "
         "run the pipeline",
     )
-    demo.add_argument("--output-dir", required=True, help="where to write the Hub-ready folder")
-    demo.add_argument("--overwrite", action="store_true", help="allow a non-empty output directory")
-    demo.add_argument("--llm", default="phi3", choices=["phi3", "llama"])
-    demo.add_argument("--image-size", type=int, default=64)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--question", default=DEMO_QUESTION)
-    demo.add_argument("--max-new-tokens", type=int, default=12)
+    demo.add_argument("--output-dir", required=True,
+                      help="folder to write: original/ (the tiny checkpoint) and converted/ (the Hub-ready folder)")
+    demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    demo.add_argument("--llm", default="phi3", choices=["phi3", "llama"],
+                      help="language model family of the tiny checkpoint: Phi-3.5 or Llama-3.1 (default: phi3)")
+    demo.add_argument("--image-size", type=int, default=64,
+                      help="side in pixels of the square input image of the tiny checkpoint (default: 64)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    demo.add_argument("--question", default=DEMO_QUESTION,
+                      help=f"the question asked about the bundled image (default: {DEMO_QUESTION!r})")
+    demo.add_argument("--max-new-tokens", type=int, default=12, help="the most tokens of the answer (default: 12)")
     demo.set_defaults(handler=_demo)
 
     convert = commands.add_parser(
@@ -308,16 +311,20 @@ def build_parser() -> argparse.ArgumentParser:
     fixture = commands.add_parser(
         "make-fixture", help="write a tiny random checkpoint in the original Florence-VL layout (for tests and demos)"
     )
-    fixture.add_argument("output_dir")
-    fixture.add_argument("--llm", default="phi3", choices=["phi3", "llama"])
-    fixture.add_argument("--seed", type=int, default=0)
-    fixture.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    fixture.add_argument("--weights-format", default="safetensors", choices=["safetensors", "bin"])
-    fixture.add_argument("--shards", type=int, default=2, help="number of main weight files (1: no index)")
-    fixture.add_argument("--image-size", type=int, default=32)
+    fixture.add_argument("output_dir", help="folder to write (refused if not empty, unless --overwrite)")
+    fixture.add_argument("--llm", default="phi3", choices=["phi3", "llama"],
+                         help="language model family: llava_phi (Phi-3.5) or llava_llama (Llama-3.1) (default: phi3)")
+    fixture.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    fixture.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                         help="dtype of the written weights (default: bfloat16)")
+    fixture.add_argument("--weights-format", default="safetensors", choices=["safetensors", "bin"],
+                         help="file format of the main weights (default: safetensors)")
+    fixture.add_argument("--shards", type=int, default=2, help="number of main weight files (1: no index; default: 2)")
+    fixture.add_argument("--image-size", type=int, default=32,
+                         help="side in pixels of the square input image (default: 32)")
     fixture.add_argument("--without-tied-copies", action="store_true",
                          help="leave out the tied BART embed_tokens / lm_head copies (a save that kept them shared)")
-    fixture.add_argument("--overwrite", action="store_true")
+    fixture.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     fixture.set_defaults(handler=_make_fixture)
 
     push = commands.add_parser("push", help="upload a converted, verified folder to the Hugging Face Hub")
@@ -330,11 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
         "make-shapes-data",
         help="generate a ShapesVQA split (synthetic images, captions and questions) in LLaVA format",
     )
-    shapes.add_argument("output_dir")
-    shapes.add_argument("--num-images", type=int, default=1000)
-    shapes.add_argument("--seed", type=int, default=0)
-    shapes.add_argument("--split", default="train", help="name used in ids and image file names")
-    shapes.add_argument("--overwrite", action="store_true")
+    shapes.add_argument("output_dir", help="folder to write (refused if not empty, unless --overwrite)")
+    shapes.add_argument("--num-images", type=int, default=1000,
+                        help="images to generate, each with its caption and questions (default: 1000)")
+    shapes.add_argument("--seed", type=int, default=0,
+                        help="the same seed writes the same files; fewer images are a prefix of more (default: 0)")
+    shapes.add_argument("--split", default="train", help="name used in ids and image file names (default: train)")
+    shapes.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     shapes.set_defaults(handler=_make_shapes_data)
 
     serve = commands.add_parser(
@@ -342,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("model", help="a Florence-VL folder or Hub repo id")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: 8000)")
     serve.add_argument("--served-model-name", help="the `model` name requests use (default: MODEL as given)")
     serve.add_argument("--device", help="device of the model (default: cuda if available, else cpu)")
     serve.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
@@ -352,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="images per request (default: 1, as the original was trained and evaluated)")
     serve.add_argument("--max-tokens", type=int, default=512,
                        help="answer length for requests that do not set max_tokens (default: 512)")
-    serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                       help="uvicorn's log level (default: warning)")
     serve.set_defaults(handler=_serve)
 
     from .training.cli import add_tiny_parsers, add_train_parser

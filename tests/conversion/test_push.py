@@ -297,6 +297,8 @@ def test_convert_with_push_to_hub_uploads_the_verified_folder(pushes):
 
 
 def test_push_to_hub_without_verification_is_refused_before_converting(tmp_path, capsys):
-    assert main(["convert", str(tmp_path / "none"), str(tmp_path / "out"), "--no-verify", "--push-to-hub", "a/b"]) == 2
-    assert "only verified conversions are pushed" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "none"), str(tmp_path / "out"), "--no-verify", "--push-to-hub", "a/b"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --push-to-hub cannot be combined with --no-verify: only verified conversions are pushed"
+    ]
     assert not (tmp_path / "out").exists()

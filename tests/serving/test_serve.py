@@ -282,10 +282,12 @@ def test_bad_requests_get_a_400_naming_the_problem_and_the_server_keeps_serving(
 def test_serve_command_refuses_bad_options_and_names_a_model_it_cannot_load(tmp_path, capsys):
     from florence_vl_hf.cli import main
 
-    assert main(["serve", str(tmp_path), "--max-images", "-1"]) == 2
-    assert "--max-images must be at least 0" in capsys.readouterr().err
-    assert main(["serve", str(tmp_path), "--max-tokens", "0"]) == 2
-    assert "--max-tokens must be at least 1" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--max-images", "-1"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --max-images must be at least 0, got -1"
+    assert main(["serve", str(tmp_path), "--max-tokens", "0"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --max-tokens must be at least 1, got 0"
+    assert main(["serve", str(tmp_path), "--port", "70000"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --port must be between 0 and 65535, got 70000"
     assert main(["serve", str(tmp_path / "nowhere")]) == 1
     assert f"error: no such model folder: {tmp_path / 'nowhere'}" in capsys.readouterr().err
     assert main(["serve", str(tmp_path)]) == 1

@@ -96,11 +96,13 @@ def format_table(curves: dict, subsets: dict, features, fraction: float = 0.1) -
 
 
 def run_alignment_command(args) -> int:
+    from ..errors import require_at_least
     from .alignment import extract_features, final_loss, plot_curves, run_alignment
 
-    if args.steps < 1 or args.batch_size < 2 or (args.num_pairs is not None and args.num_pairs < 2):
-        print("error: need --steps >= 1, --batch-size >= 2 and --num-pairs >= 2", file=sys.stderr)
-        return 2
+    require_at_least("--steps", args.steps, 1)
+    require_at_least("--batch-size", args.batch_size, 2)
+    require_at_least("--num-pairs", args.num_pairs, 2)
+    require_at_least("--extract-batch-size", args.extract_batch_size, 1)
     try:
         paths, captions, skipped = load_caption_pairs(args.data, args.image_folder, args.num_pairs,
                                                       args.distinct_captions)

@@ -21,7 +21,8 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--stage", choices=STAGES, required=True, help="pretrain (stage 1) or finetune (stage 2)")
     parser.add_argument("--data", required=True, help="LLaVA-format JSON (a list of samples) or JSON lines")
     parser.add_argument("--image-folder", help="folder the samples' 'image' paths are relative to")
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--output-dir", required=True,
+                        help="where the checkpoints and the trained model (a Hub-ready folder, or LoRA adapters) go")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a Florence-VL folder or Hub repo id to start from")
     source.add_argument("--config", help="a FlorenceVLConfig (config.json or its folder): start from random weights")
@@ -31,38 +32,45 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
                         "the LLM's chat format for finetune")  # fmt: skip
     parser.add_argument("--model-max-length", type=int, help="default 2048")
     parser.add_argument("--global-batch-size", type=int, help="default: the paper's for the stage and LLM")
-    parser.add_argument("--per-device-batch-size", type=int, default=4)
-    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--per-device-batch-size", type=int, default=4,
+                        help="samples per device and forward; gradient accumulation makes up the global batch "
+                        "(default: 4)")
+    parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: the paper's for the stage "
+                        "and LLM)")  # fmt: skip
     parser.add_argument("--vision-tower-lr", type=float, help="a separate learning rate for Florence-2 (pretrain)")
     parser.add_argument("--vision-tower-start-step", type=int, default=0,
                         help="keep Florence-2's learning rate at 0 before this step (pretrain from random weights)")
-    parser.add_argument("--epochs", type=float)
-    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--epochs", type=float, help="passes over the data (default 1)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
     parser.add_argument("--lr-scheduler", help="default cosine")
     parser.add_argument("--warmup", type=float, help="warm-up: a fraction of the steps (<1) or a step count")
-    parser.add_argument("--weight-decay", type=float)
+    parser.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--save-steps", type=int, default=500)
-    parser.add_argument("--save-total-limit", type=int, default=2)
-    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass: less memory, slower steps")
+    parser.add_argument("--save-steps", type=int, default=500,
+                        help="save a checkpoint in --output-dir every this many steps (default 500)")
+    parser.add_argument("--save-total-limit", type=int, default=2,
+                        help="keep at most this many checkpoints, deleting the oldest (default 2)")
+    parser.add_argument("--logging-steps", type=int, default=10, help="log the loss every this many steps (default 10)")
     parser.add_argument("--report-to", default="none", help="tensorboard, wandb, ... (Trainer's report_to)")
     parser.add_argument("--resume-from-checkpoint", nargs="?", const="latest",
                         help="a checkpoint folder, or no value for the latest in --output-dir")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=42,
+                        help="seed of the training, the data order and any randomly initialised weights (default 42)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--cache-images", type=int, help="keep this many preprocessed images (and the tokenized "
                         "samples) in memory for later epochs; 196 KB per image at 128 px, 4.7 MB at 768 px")
     parser.add_argument("--deepspeed", help="a DeepSpeed config JSON (ZeRO-2/3)")
     parser.add_argument("--fsdp", help="FSDP options, e.g. 'full_shard auto_wrap'")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters on the LLM instead of the LLM")
-    parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--lora-alpha", type=int, default=32)
-    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--lora-r", type=int, default=16, help="rank of the LoRA adapters (default 16)")
+    parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA scaling alpha (default 32)")
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA inputs (default 0.05)")
     parser.add_argument("--lora-target-modules", nargs="+", help="linear layer names (default: per LLM family)")
     parser.add_argument("--lora-freeze-projector", action="store_true", help="don't train the projector with LoRA")
     parser.add_argument("--merge-lora", action="store_true", help="also save the merged model in OUTPUT_DIR/merged")
-    parser.add_argument("--disable-progress-bar", action="store_true")
+    parser.add_argument("--disable-progress-bar", action="store_true", help="no tqdm progress bar (for logs)")
     parser.set_defaults(handler=run_train)
     return parser
 
@@ -173,15 +181,19 @@ def add_tiny_parsers(commands) -> None:
         "train-tiny",
         help="reproduce florence-vl-tiny: ShapesVQA data, stage 1, stage 2, held-out evaluation, bf16 model",
     )
-    tiny.add_argument("output_dir")
+    tiny.add_argument("output_dir", help="where the bf16 model, its processor and training_report.json go "
+                      "(refused if not empty, unless --overwrite)")
     tiny.add_argument("--work-dir", help="where the ShapesVQA splits are generated (default: a temporary folder)")
     tiny.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     tiny.add_argument("--stage0-steps", type=int, help="region pre-training of the vision tower (0: none)")
-    tiny.add_argument("--stage1-steps", type=int)
-    tiny.add_argument("--stage2-steps", type=int)
-    tiny.add_argument("--train-images", type=int)
-    tiny.add_argument("--test-images", type=int)
-    tiny.add_argument("--fusion", choices=("channel", "token", "average"))
+    tiny.add_argument("--stage1-steps", type=int, help="steps of stage 1, pretraining on captions (default 6000)")
+    tiny.add_argument("--stage2-steps", type=int,
+                      help="steps of stage 2, finetuning on the questions (default 20000)")
+    tiny.add_argument("--train-images", type=int, help="images of the generated training split (default 24000)")
+    tiny.add_argument("--test-images", type=int, help="images of the held-out evaluation split (default 300)")
+    tiny.add_argument("--fusion", choices=("channel", "token", "average"),
+                      help="how the vision features are fused: concatenated along channels (the paper's, default), "
+                      "side by side as tokens, or averaged")
     tiny.add_argument("--features", nargs="+", help="vision feature sources (default: depth caption ocr grounding)")
     tiny.add_argument(
         "--checkpoint-steps",
@@ -189,13 +201,13 @@ def add_tiny_parsers(commands) -> None:
         help="checkpoint every N steps under --work-dir; the same command again resumes an interrupted run",
     )
     tiny.add_argument("--threads", type=int, help="torch threads (the bundled model: 1; results depend on it)")
-    tiny.add_argument("--overwrite", action="store_true")
+    tiny.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     tiny.set_defaults(handler=run_train_tiny)
 
     bundle = commands.add_parser(
         "bundle-tiny", help="ship a train-tiny output as the package's florence-vl-tiny, or --check it against that"
     )
-    bundle.add_argument("model_dir")
+    bundle.add_argument("model_dir", help="a folder written by `florence-vl train-tiny`")
     bundle.add_argument("--target", help="default: the package's florence_vl_tiny folder")
     bundle.add_argument("--check", action="store_true",
                         help="only compare the weights with the bundled model's; exit 1 if any tensor differs")
@@ -205,20 +217,25 @@ def add_tiny_parsers(commands) -> None:
     ablations = commands.add_parser(
         "ablations", help="fusion (channel/token/average) and feature (depth/breadth/all) ablations of florence-vl-tiny"
     )
-    ablations.add_argument("output_dir")
-    ablations.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ablations.add_argument("--variants", nargs="+", help="default: all five")
-    ablations.add_argument("--stage0-steps", type=int)
+    ablations.add_argument("output_dir", help="where ablations.json, ablations.md and the finished runs go; the "
+                           "same command again resumes an interrupted sweep")
+    ablations.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                           help="every variant is trained once per seed (default: 0 1 2)")
+    ablations.add_argument("--variants", nargs="+", help="which variants to train (default: all five: "
+                           "'channel (all)', 'token (all)', 'average (all)', 'depth only', 'breadth only')")
+    ablations.add_argument("--stage0-steps", type=int,
+                           help="region pre-training steps of the vision tower, once per seed (default 4000)")
     ablations.add_argument("--stage1-steps", type=int, help="default: 1000 (ablations.ABLATION_STEPS)")
     ablations.add_argument("--stage2-steps", type=int, help="default: 1500 (ablations.ABLATION_STEPS)")
-    ablations.add_argument("--train-images", type=int)
-    ablations.add_argument("--test-images", type=int)
+    ablations.add_argument("--train-images", type=int, help="images of the generated training split (default 24000)")
+    ablations.add_argument("--test-images", type=int, help="images of the held-out evaluation split (default 300)")
     ablations.set_defaults(handler=run_ablations_command)
 
     evaluate = commands.add_parser("eval-shapes", help="ShapesVQA exact-match accuracy of a model, per question type")
     evaluate.add_argument("--model", help="a Florence-VL folder (default: the bundled florence-vl-tiny)")
     evaluate.add_argument("--data", help="a split from make-shapes-data (default: a fresh one, see --num-images)")
-    evaluate.add_argument("--num-images", type=int, default=300)
+    evaluate.add_argument("--num-images", type=int, default=300,
+                          help="images of the fresh split, when --data is not given (default 300)")
     evaluate.add_argument("--seed", type=int, default=12345, help="seed of the fresh split")
     evaluate.add_argument("--json", help="also write the result to this file")
     evaluate.set_defaults(handler=run_eval_shapes)
