@@ -31,6 +31,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .files import sibling_prefix
+
 SPEC_VERSION = "ShapesVQA v1"
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -332,7 +334,7 @@ def make_shapes_data(
     output.parent.mkdir(parents=True, exist_ok=True)
 
     rng = random.Random(seed)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    staging = Path(tempfile.mkdtemp(prefix=sibling_prefix(output, "tmp"), dir=output.parent))
     try:
         (staging / "images").mkdir()
         captions: list[dict[str, Any]] = []
@@ -404,7 +406,7 @@ def _replace_dir(new: Path, target: Path, overwrite: bool) -> None:
         return
     if any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} is not empty; pass overwrite=True to replace it")
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old = Path(tempfile.mkdtemp(prefix=sibling_prefix(target, "old"), dir=target.parent))
     old.rmdir()
     target.rename(old)
     try:

@@ -42,6 +42,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from ..modeling.configuration_florence_vl import DEFAULT_TASK_PROMPTS, DEPTH_FEATURE
+from ..files import sibling_prefix
 
 #: The feature names of a default config: the depth feature, then one breadth feature per task prompt.
 FEATURE_NAMES = (DEPTH_FEATURE, *DEFAULT_TASK_PROMPTS)
@@ -471,7 +472,7 @@ def plot_curves(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=sibling_prefix(path, "write"), suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         image.save(temporary, format="PNG")

@@ -16,7 +16,7 @@ from transformers.models.florence2.modeling_florence2 import Florence2VisionPosi
 
 from .. import __version__
 from ..build import generation_config_for
-from ..files import write_text_atomic
+from ..files import NAME_MAX, sibling_prefix, write_text_atomic
 from ..modeling import FlorenceVLConfig, FlorenceVLForConditionalGeneration
 from ..processing import IMAGE_TOKEN, IMAGENET_MEAN, IMAGENET_STD, asset_dir, build_processor
 from .card import render_model_card
@@ -354,25 +354,9 @@ def assemble(source: Source, plan: TensorPlan, config: FlorenceVLConfig, dtype: 
     return state, summary
 
 
-NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
-
-
-def _sibling_prefix(output_dir: Path, kind: str) -> str:
-    """`.NAME.KIND-` for the folders a run keeps next to OUTPUT_DIR (`partial`: staging, `old`: the output being
-    replaced). NAME is shortened (with a hash) where a valid OUTPUT_DIR name of up to 255 bytes would otherwise give
-    an invalid sibling name; the choice does not depend on the pid, so every run finds every run's folders."""
-    name = output_dir.name
-    if len(os.fsencode(f".{name}.partial-")) + _PID_AND_RANDOM > NAME_MAX:
-        name = f"{name[:40]}~{hashlib.sha256(os.fsencode(name)).hexdigest()[:12]}"
-    return f".{name}.{kind}-"
-
-
-_PID_AND_RANDOM = len("4294967295-0123abcd")
-
-
 def _sibling_name(output_dir: Path, kind: str) -> str:
     """A sibling folder name carrying this run's pid, so that a later run recognises the folder of a dead run."""
-    return f"{_sibling_prefix(output_dir, kind)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return f"{sibling_prefix(output_dir, kind)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _alive(pid: int) -> bool:
@@ -391,7 +375,7 @@ def remove_dead_staging(output_dir: Path, log=print) -> list[Path]:
     removed = []
     if not output_dir.parent.is_dir():
         return removed
-    prefixes = [_sibling_prefix(output_dir, "partial"), _sibling_prefix(output_dir, "old")]
+    prefixes = [sibling_prefix(output_dir, "partial"), sibling_prefix(output_dir, "old")]
     for entry in output_dir.parent.iterdir():
         prefix = next((p for p in prefixes if entry.name.startswith(p)), None)
         if prefix is None or not entry.is_dir() or entry.is_symlink():

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from ..cards import check_card_metadata, metadata_block
+from ..files import sibling_prefix
 from ..processing import asset_dir
 from ..shapes import QUESTION_TYPES
 
@@ -68,7 +69,7 @@ def bundle_tiny(model_dir, target=None, hardware: str | None = None) -> Path:
         raise ValueError(f"{model_dir / 'model.safetensors'} holds {sorted(dtypes)} tensors; the bundle ships bf16")
     report = json.loads((model_dir / "training_report.json").read_text())
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=sibling_prefix(target, "staging"), dir=target.parent))
     try:
         for name in MODEL_FILES:
             shutil.copyfile(model_dir / name, staging / name)

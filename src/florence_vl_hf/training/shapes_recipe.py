@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from ..build import build_random_model, save_hub_folder
-from ..files import write_text_atomic
+from ..files import sibling_prefix, write_text_atomic
 from ..modeling import FlorenceVLConfig
 from ..shapes import Scene, make_shapes_data, position_pairs
 from .api import train, training_arguments
@@ -393,7 +393,7 @@ def train_tiny(
     if recipe.vision_position_init_scale is not None:
         init_position_tables(model, recipe.vision_position_init_scale)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.staging-", dir=output_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=sibling_prefix(output_dir, "staging"), dir=output_dir.parent))
     run = _Run(work_dir, recipe) if checkpoint_steps else None
     try:
         report = _train_stages(model, processor, recipe, train_dir, test_dir, staging, run, checkpoint_steps,
