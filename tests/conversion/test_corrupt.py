@@ -7,6 +7,8 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -371,3 +373,22 @@ def test_staging_folders_of_dead_runs_are_removed_by_the_next_run(pristine, tmp_
     assert not stale.exists() and not retired.exists()
     assert alive.exists() and other.exists()
     assert f"removed {stale.name}, left next to out by a run that died (pid {child.pid})" in messages
+
+
+def test_the_staging_folder_of_a_killed_conversion_is_removed_by_the_next_run(pristine, tmp_path):
+    output = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "florence_vl_hf.cli", "convert", str(pristine[0]), str(output)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".out.partial-*")) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    (staging,) = tmp_path.glob(".out.partial-*")  # found before the conversion could finish (it verifies)
+    assert staging.name.startswith(f".out.partial-{process.pid}-") and not output.exists()
+    messages = []
+    convert_checkpoint(pristine[0], output, verify=False, log=messages.append)
+    assert not staging.exists() and (output / "config.json").is_file()
+    assert any(m.startswith(f"removed {staging.name}") for m in messages)
