@@ -1,6 +1,6 @@
 """Training Florence-VL with transformers' Trainer and PEFT (not part of the Hub payload)."""
 
-from .api import TrainResult, llm_template, train, training_arguments
+from .api import TrainingSetupError, TrainResult, launched_world_size, llm_template, train, training_arguments
 from .data import (
     IGNORE_INDEX,
     ConversationDataset,
@@ -26,8 +26,10 @@ __all__ = [
     "SampleError",
     "StageRecipe",
     "TrainResult",
+    "TrainingSetupError",
     "apply_lora",
     "apply_stage",
+    "launched_world_size",
     "llm_template",
     "load_conversations",
     "lora_target_modules",

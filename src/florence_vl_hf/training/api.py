@@ -1,7 +1,7 @@
 """Training Florence-VL from Python: `train(model, processor, data, stage=..., output_dir=...)`."""
 
 import logging
-import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,12 +11,31 @@ from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_availab
 
 from ..build import save_hub_folder
 from ..cards import complete_adapter_card
+from ..errors import CommandError
 from .data import ConversationDataset, FlorenceVLDataCollator, ImageCache
 from .lora import apply_lora
 from .stages import apply_stage, check_stage, paper_recipe
 from .trainer import FlorenceVLTrainer
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingSetupError(CommandError, ValueError):
+    """A training configuration that would not train as asked (a global batch the processes cannot split, processes
+    that would not form one group, sharding that would not engage): refused before any step."""
+
+
+def launched_world_size() -> int:
+    """The number of processes a launcher (torchrun, accelerate launch) started: `WORLD_SIZE`, 1 without one."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(value)
+    except ValueError:
+        raise TrainingSetupError(f"WORLD_SIZE={value!r} is not a number of processes") from None
+
+
+def _has_accelerator() -> bool:
+    return torch.accelerator.is_available() or is_torch_xla_available()
 
 
 def llm_template(processor) -> str:
@@ -34,20 +53,45 @@ def training_arguments(
     llm: str = "phi3",
     global_batch_size: int | None = None,
     per_device_train_batch_size: int = 4,
-    world_size: int = 1,
+    world_size: int | None = None,
     **overrides,
 ) -> TrainingArguments:
     """TrainingArguments with the paper's recipe for `stage` and `llm` ("phi3"/"llama3") as defaults.
 
     The global batch is reached by gradient accumulation: `global_batch_size / (per_device_train_batch_size *
-    world_size)` steps (at least 1). Any TrainingArguments field can be overridden by keyword.
+    world_size)` steps; a global batch that is no multiple of `per_device_train_batch_size * world_size` is refused
+    (`TrainingSetupError`). `world_size` defaults to the launcher's `WORLD_SIZE` (1 without torchrun / accelerate
+    launch); a different value under a launcher is refused. Any TrainingArguments field can be overridden by keyword.
+
+    Under a launcher on a machine without an accelerator, `use_cpu=True` and `ddp_backend="gloo"` are set (unless
+    `use_cpu` is given) so the processes train data-parallel as one gloo group; FSDP and DeepSpeed on the CPU, and
+    FSDP without a launcher, are refused: accelerate would silently not shard.
 
     `bf16=True` on a machine without a bf16 GPU trains in bf16 autocast on the CPU (`use_cpu=True`, which
     TrainingArguments otherwise demands be set by hand), unless `use_cpu` is given.
     """
     recipe = paper_recipe(llm, stage)
     global_batch_size = global_batch_size or recipe.global_batch_size
-    accumulation = max(1, math.ceil(global_batch_size / (per_device_train_batch_size * world_size)))
+    launched = launched_world_size()
+    if world_size is None:
+        world_size = launched
+    elif launched > 1 and world_size != launched:
+        raise TrainingSetupError(
+            f"world_size={world_size}, but {launched} processes were launched (WORLD_SIZE): the global batch would be "
+            "split over the wrong number of processes"
+        )
+    for name, value in (("global_batch_size", global_batch_size), ("per_device_train_batch_size",
+                        per_device_train_batch_size), ("world_size", world_size)):  # fmt: skip
+        if not isinstance(value, int) or value < 1:
+            raise TrainingSetupError(f"{name} must be a positive integer, got {value!r}")
+    per_step = per_device_train_batch_size * world_size
+    if global_batch_size % per_step:
+        raise TrainingSetupError(
+            f"The global batch {global_batch_size} is not a multiple of the per-device batch "
+            f"{per_device_train_batch_size} x {world_size} process{'es' if world_size > 1 else ''} = {per_step}: "
+            "choose a per-device batch (--per-device-batch-size) and global batch (--global-batch-size) that divide"
+        )
+    accumulation = global_batch_size // per_step
     values = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=per_device_train_batch_size,
@@ -69,7 +113,57 @@ def training_arguments(
     wants_bf16 = values.get("bf16") or values.get("bf16_full_eval")
     if wants_bf16 and "use_cpu" not in overrides and not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
         values["use_cpu"] = True
+    on_cpu = values.get("use_cpu") or not _has_accelerator()
+    if launched > 1 and on_cpu and "use_cpu" not in overrides:
+        # Without use_cpu, accelerate finds no device backend, leaves the processes undistributed, and each one
+        # trains alone on the whole data set.
+        values["use_cpu"] = True
+        values.setdefault("ddp_backend", "gloo")
+    for option, name in (("fsdp", "FSDP"), ("deepspeed", "DeepSpeed")):
+        if not values.get(option):
+            continue
+        if on_cpu:
+            why = "DeepSpeed on the CPU is not supported here"
+            if option == "fsdp":
+                why = "accelerate runs FSDP on GPUs only: on the CPU it ignores it and the processes train unsharded"
+            raise TrainingSetupError(
+                f"{name} (--{option}) needs GPUs: {why}. Leave --{option} out: torchrun on the CPU trains "
+                "data-parallel over gloo"
+            )
+        if option == "fsdp" and launched == 1 and "LOCAL_RANK" not in os.environ:
+            raise TrainingSetupError(
+                "FSDP (--fsdp) needs a launcher: run under torchrun or accelerate launch (one process without one "
+                "would not shard)"
+            )
     return TrainingArguments(**values)
+
+
+def check_world(args: TrainingArguments) -> None:
+    """Refuse arguments under which the processes a launcher started would not train as one group (each would train
+    alone on all the data, with the accumulation meant for the whole group, and write the same output folder)."""
+    launched = launched_world_size()
+    if launched > 1 and args.world_size != launched:
+        hint = "; on the CPU pass use_cpu=True (training_arguments does)" if not _has_accelerator() else ""
+        raise TrainingSetupError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but they do not form one training group "
+            f"(the Trainer sees {args.world_size}): each would train alone on all the data{hint}"
+        )
+
+
+def check_sharding(trainer) -> None:
+    """Refuse FSDP / DeepSpeed settings that accelerate did not engage (it ignores them silently, e.g. on the CPU)."""
+    args = trainer.args
+    launched = launched_world_size()
+    setup = f"{trainer.accelerator.distributed_type}, {launched} process{'es' if launched > 1 else ''}"
+    from_launcher = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # accelerate launch's config
+    if (args.fsdp or from_launcher) and not trainer.is_fsdp_enabled:
+        options = " ".join(str(getattr(o, "value", o)) for o in args.fsdp) if args.fsdp else "accelerate's config"
+        raise TrainingSetupError(
+            f"FSDP ({options}) did not engage on this setup ({setup}): it needs GPUs and a launcher (torchrun or "
+            "accelerate launch)"
+        )
+    if args.deepspeed and not trainer.is_deepspeed_enabled:
+        raise TrainingSetupError(f"DeepSpeed ({args.deepspeed}) did not engage on this setup ({setup})")
 
 
 @dataclass
@@ -119,6 +213,7 @@ def train(
         if output_dir is None:
             raise ValueError("Pass output_dir or args")
         args = training_arguments(output_dir, stage, llm)
+    check_world(args)
     if args.remove_unused_columns:
         raise ValueError("Set remove_unused_columns=False: the collator needs the examples' pixel_values")
     template = template or paper_recipe(llm, stage).template
@@ -146,10 +241,18 @@ def train(
         vision_tower_lr=vision_tower_lr,
         vision_tower_start_step=vision_tower_start_step,
     )
+    check_sharding(trainer)
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     output = Path(args.output_dir)
+    skipped = dict(dataset.skipped)
+    if args.world_size > 1 and torch.distributed.is_initialized():
+        # each process skips the bad samples among its own share of the data
+        shares = [None] * args.world_size
+        torch.distributed.all_gather_object(shares, skipped)
+        skipped = {key: reason for share in shares for key, reason in share.items()}
     if save:
         model.eval()
+    if save and trainer.is_world_process_zero():  # every process holds the same weights: the first one writes
         steps = f"{result.global_step} optimizer steps on {len(dataset)} samples"
         if lora is not None:
             model.save_pretrained(output)
@@ -157,6 +260,8 @@ def train(
             complete_adapter_card(output, model.config)
         else:
             save_hub_folder(model, processor, output, description=f"Trained with `florence_vl_hf` ({stage} stage, {steps}).")
-    if dataset.skipped:
-        logger.warning("%d samples were skipped: %s", len(dataset.skipped), dataset.skipped)
-    return TrainResult(trainer=trainer, metrics=result.metrics, skipped=dict(dataset.skipped), output_dir=output)
+    if save:
+        trainer.accelerator.wait_for_everyone()  # the folder is complete when train returns on any process
+    if skipped and trainer.is_world_process_zero():
+        logger.warning("%d samples were skipped: %s", len(skipped), skipped)
+    return TrainResult(trainer=trainer, metrics=result.metrics, skipped=skipped, output_dir=output)

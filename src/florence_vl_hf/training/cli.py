@@ -3,7 +3,6 @@
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -118,27 +117,29 @@ def run_train(args) -> int:
         "fsdp": args.fsdp,
     }
     overrides = {key: value for key, value in overrides.items() if value is not None}
-    # torchrun and accelerate export WORLD_SIZE: the global batch is split over every process.
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    training_args = training_arguments(
-        args.output_dir,
-        args.stage,
-        llm_template(processor),
-        global_batch_size=args.global_batch_size,
-        per_device_train_batch_size=args.per_device_batch_size,
-        world_size=world_size,
-        bf16=args.bf16,
-        activation_checkpointing=args.gradient_checkpointing,
-        save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit,
-        logging_steps=args.logging_steps,
-        report_to=args.report_to,
-        seed=args.seed,
-        data_seed=args.seed,
-        dataloader_num_workers=args.num_workers,
-        disable_tqdm=args.disable_progress_bar,
-        **overrides,
-    )
+    # The global batch is split over every process torchrun / accelerate launch started (their WORLD_SIZE).
+    try:
+        training_args = training_arguments(
+            args.output_dir,
+            args.stage,
+            llm_template(processor),
+            global_batch_size=args.global_batch_size,
+            per_device_train_batch_size=args.per_device_batch_size,
+            bf16=args.bf16,
+            activation_checkpointing=args.gradient_checkpointing,
+            save_steps=args.save_steps,
+            save_total_limit=args.save_total_limit,
+            logging_steps=args.logging_steps,
+            report_to=args.report_to,
+            seed=args.seed,
+            data_seed=args.seed,
+            dataloader_num_workers=args.num_workers,
+            disable_tqdm=args.disable_progress_bar,
+            **overrides,
+        )
+    except ValueError as error:  # TrainingSetupError, or a value TrainingArguments refuses
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     resume = args.resume_from_checkpoint
     if resume == "latest":
         resume = True
@@ -165,6 +166,8 @@ def run_train(args) -> int:
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if not result.trainer.is_world_process_zero():
+        return 0  # the first process writes the merged model and prints the summary
     if args.merge_lora and lora is not None:
         from ..build import save_hub_folder
 
