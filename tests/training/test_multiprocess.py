@@ -12,13 +12,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainingArguments
 
 import florence_vl_hf
 from florence_vl_hf.cli import main
 from florence_vl_hf.shapes import make_shapes_data
 from florence_vl_hf.tiny import tiny_config
 from florence_vl_hf.training import TrainingSetupError, train, training_arguments
-from florence_vl_hf.training.api import check_sharding
+from florence_vl_hf.training.api import check_sharding, fsdp_arguments
 
 STEPS = 3
 
@@ -128,13 +129,33 @@ def test_processes_that_do_not_form_one_group_are_refused(fresh_phi3, data_folde
 def test_sharding_accelerate_did_not_engage_is_refused(monkeypatch):
     # what accelerate does with FSDP on the CPU under torchrun (use_cpu=True given by hand): plain DDP, no error
     monkeypatch.setenv("WORLD_SIZE", "2")
-    trainer = SimpleNamespace(args=SimpleNamespace(fsdp=["full_shard"], deepspeed=None), is_fsdp_enabled=False,
-                              is_deepspeed_enabled=False,
+    args = SimpleNamespace(fsdp=True, fsdp_config={"reshard_after_forward": True}, deepspeed=None)
+    trainer = SimpleNamespace(args=args, is_fsdp_enabled=False, is_deepspeed_enabled=False,
                               accelerator=SimpleNamespace(distributed_type="MULTI_CPU"))  # fmt: skip
-    with pytest.raises(TrainingSetupError, match=r"FSDP \(full_shard\) did not engage on this setup \(MULTI_CPU, 2"):
+    with pytest.raises(TrainingSetupError, match=r"FSDP \(fsdp_config \{'reshard_after_forward': True\}\) did not "
+                                                 r"engage on this setup \(MULTI_CPU, 2"):  # fmt: skip
         check_sharding(trainer)
-    trainer.args.fsdp, trainer.args.deepspeed = [], "zero2.json"
+    trainer.args.fsdp, trainer.args.deepspeed = False, "zero2.json"
     with pytest.raises(TrainingSetupError, match=r"DeepSpeed \(zero2.json\) did not engage"):
         check_sharding(trainer)
     trainer.args.deepspeed = None
     check_sharding(trainer)
+
+
+@pytest.mark.parametrize("options, config", [
+    ("full_shard auto_wrap", {"reshard_after_forward": True}),
+    ("shard_grad_op offload", {"reshard_after_forward": False, "cpu_offload": True}),
+])  # fmt: skip
+def test_fsdp_words_become_fsdp_config_without_transformers_deprecated_string(options, config, tmp_path):
+    # The mapping is transformers' own reading of the legacy words (TrainingArguments._apply_legacy_fsdp_to_config,
+    # FSDP2); the conftest guard fails the test if TrainingArguments logs a deprecation.
+    assert fsdp_arguments(options) == {"fsdp": True, "fsdp_config": config}
+    args = TrainingArguments(output_dir=str(tmp_path), **fsdp_arguments(options))
+    assert args.fsdp is True and {k: args.fsdp_config[k] for k in config} == config
+
+
+@pytest.mark.parametrize("options, problem", [("full_shard zero3", "expected some of full_shard"), ("", "expected"),
+                                              ("full_shard shard_grad_op", "exclude each other")])  # fmt: skip
+def test_unknown_fsdp_words_are_refused(options, problem):
+    with pytest.raises(TrainingSetupError, match=problem):
+        fsdp_arguments(options)

@@ -138,6 +138,23 @@ def training_arguments(
     return TrainingArguments(**values)
 
 
+_FSDP_WORDS = {"full_shard": ("reshard_after_forward", True), "shard_grad_op": ("reshard_after_forward", False),
+               "offload": ("cpu_offload", True), "auto_wrap": None}  # fmt: skip
+
+
+def fsdp_arguments(options: str) -> dict:
+    """TrainingArguments' `fsdp=True` and `fsdp_config` (FSDP2) from the familiar words of `--fsdp` ('full_shard
+    auto_wrap', 'shard_grad_op offload'...): transformers deprecates passing those words as `fsdp` itself."""
+    words = options.split()
+    unknown = [word for word in words if word not in _FSDP_WORDS]
+    if unknown or not words:
+        raise TrainingSetupError(f"--fsdp {options!r}: expected some of {', '.join(_FSDP_WORDS)}")
+    if {"full_shard", "shard_grad_op"} <= set(words):
+        raise TrainingSetupError(f"--fsdp {options!r}: full_shard and shard_grad_op exclude each other")
+    config = dict(_FSDP_WORDS[word] for word in words if _FSDP_WORDS[word])
+    return {"fsdp": True, "fsdp_config": config}
+
+
 def check_world(args: TrainingArguments) -> None:
     """Refuse arguments under which the processes a launcher started would not train as one group (each would train
     alone on all the data, with the accumulation meant for the whole group, and write the same output folder)."""
@@ -157,7 +174,7 @@ def check_sharding(trainer) -> None:
     setup = f"{trainer.accelerator.distributed_type}, {launched} process{'es' if launched > 1 else ''}"
     from_launcher = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # accelerate launch's config
     if (args.fsdp or from_launcher) and not trainer.is_fsdp_enabled:
-        options = " ".join(str(getattr(o, "value", o)) for o in args.fsdp) if args.fsdp else "accelerate's config"
+        options = f"fsdp_config {args.fsdp_config}" if args.fsdp else "accelerate's config"
         raise TrainingSetupError(
             f"FSDP ({options}) did not engage on this setup ({setup}): it needs GPUs and a launcher (torchrun or "
             "accelerate launch)"

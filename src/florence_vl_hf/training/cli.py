@@ -61,7 +61,8 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--cache-images", type=int, help="keep this many preprocessed images (and the tokenized "
                         "samples) in memory for later epochs; 196 KB per image at 128 px, 4.7 MB at 768 px")
     parser.add_argument("--deepspeed", help="a DeepSpeed config JSON (ZeRO-2/3)")
-    parser.add_argument("--fsdp", help="FSDP options, e.g. 'full_shard auto_wrap'")
+    parser.add_argument("--fsdp", help="FSDP on GPUs under torchrun/accelerate launch: some of full_shard, "
+                        "shard_grad_op, offload, auto_wrap (passed as fsdp=True and fsdp_config)")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters on the LLM instead of the LLM")
     parser.add_argument("--lora-r", type=int, default=16, help="rank of the LoRA adapters (default 16)")
     parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA scaling alpha (default 32)")
@@ -98,7 +99,7 @@ def _load(args):
 
 
 def run_train(args) -> int:
-    from .api import llm_template, train, training_arguments
+    from .api import fsdp_arguments, llm_template, train, training_arguments
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -114,9 +115,10 @@ def run_train(args) -> int:
         "warmup_steps": args.warmup,
         "weight_decay": args.weight_decay,
         "deepspeed": args.deepspeed,
-        "fsdp": args.fsdp,
     }
     overrides = {key: value for key, value in overrides.items() if value is not None}
+    if args.fsdp is not None:
+        overrides.update(fsdp_arguments(args.fsdp))
     # The global batch is split over every process torchrun / accelerate launch started (their WORLD_SIZE).
     try:
         training_args = training_arguments(
