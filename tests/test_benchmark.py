@@ -15,9 +15,15 @@ def test_bench_prints_the_table_and_writes_the_json(tmp_path, capsys):
     path = tmp_path / "out" / "bench.json"
     argv = ["bench", "--shapes", "tiny", "--json", str(path), "--device", "cpu", "--repeats", "1", "--warmup", "0",
             "--decode-tokens", "4", "--batch-size", "2"]  # fmt: skip
+    path.parent.mkdir()  # a previous run on a machine 1000x faster: its peak is compared with this run's
+    fast = {"dtype": "float32", "matmul_peak": {"flops_per_second": 1e15, "spread": 0.01}}
+    path.write_text(json.dumps({"shapes": {"tiny": fast}}))
     assert main(argv) == 0
     printed = capsys.readouterr().out
     tiny = json.loads(path.read_text())["shapes"]["tiny"]
+    assert "warning: tiny: the float32 matmul peak is" in printed and "below the previous run's 1000000" in printed
+    assert tiny["matmul_peak"]["flops_per_second"] == tiny["matmul_peak_flops_per_second"] > 0
+    assert set(tiny["matmul_peak"]["by_size"]) == {"1024", "2048", "4096"} and 0 <= tiny["matmul_peak"]["spread"] < 1
     for key, row in (("vision_speedup_vs_original", "vision speed-up vs original, batch 1"),
                      ("decode_overhead_vs_bare_llm", "decode overhead vs bare LLM, batch 1"),
                      ("peak_memory_ratio_vs_original", "peak memory ratio vs original")):  # fmt: skip
@@ -85,3 +91,24 @@ def test_interleaved_warms_up_then_alternates_the_order_and_takes_medians():
     result = benchmark.interleaved({"a": measure("a"), "b": measure("b")}, repeats=3, warmup=1)
     assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b"]
     assert result == {"a": 2.0, "b": 5.0}
+
+
+def test_the_matmul_peak_is_the_best_size_s_best_repeat_and_its_spread(monkeypatch):
+    # Hand-made timings: size 2 runs 2*2**3 = 16 FLOP in at best 1 s (median 2 s), size 4 128 FLOP in at best 2 s.
+    timings = {2: [1.0, 2.0, 3.0], 4: [2.0, 2.5, 4.0]}
+    monkeypatch.setattr(benchmark, "_timings", lambda fn, device, repeats: timings[fn().shape[0]])
+    peak = benchmark.matmul_peak(torch.device("cpu"), torch.float32, sizes=(2, 4), repeats=3)
+    assert peak["by_size"] == {"2": 16.0, "4": 64.0}
+    assert peak["flops_per_second"] == 64.0 and peak["size"] == 4
+    assert peak["spread"] == 1 - 2.0 / 2.5
+
+
+def test_a_peak_below_the_previous_run_s_by_more_than_the_spread_is_a_warning():
+    def report(flops, spread, dtype="bfloat16"):
+        return {"shapes": {"large": {"dtype": dtype, "matmul_peak": {"flops_per_second": flops, "spread": spread}}}}
+
+    assert benchmark.peak_warnings(report(95e9, 0.06), report(100e9, 0.02)) == []  # within the spread
+    (warning,) = benchmark.peak_warnings(report(80e9, 0.05), report(100e9, 0.02))
+    assert warning.startswith("warning: large: the bfloat16 matmul peak is 80 GFLOP/s, 20% below the previous run's 100")
+    assert benchmark.peak_warnings(report(80e9, 0.05), report(100e9, 0.02, dtype="float32")) == []
+    assert benchmark.peak_warnings(report(80e9, 0.05), None) == []

@@ -322,18 +322,72 @@ def _decode_clock(generate, batch, tokens, device, **kwargs):
 
 def _best_seconds(fn, device, repeats: int) -> float:
     """The fastest of `repeats` timings after two warm-ups: a peak is the best the machine does."""
+    return min(_timings(fn, device, repeats))
+
+
+PEAK_SIZES = {"cpu": (1024, 2048, 4096), "cuda": (4096, 8192)}
+
+
+def _timings(fn, device, repeats: int) -> list[float]:
     measure = _timed(fn, device)
     for _ in range(2):
         measure()
-    return min(measure() for _ in range(repeats))
+    return [measure() for _ in range(repeats)]
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 10) -> float:
-    """This machine's matrix-multiply FLOP/s: the best of a large square torch.matmul in `dtype`."""
-    size = size or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    return 2 * size**3 / _best_seconds(lambda: torch.matmul(a, b), device, repeats)
+def matmul_peak(device: torch.device, dtype: torch.dtype, sizes=None, repeats: int = 8) -> dict:
+    """This machine's matrix-multiply FLOP/s in `dtype`, measured so that it is stable: square torch.matmul at
+    several sizes (no single size is the best everywhere: caches, AMX/tensor-core tiling), best of `repeats` after
+    two warm-ups. `spread` is how far the median repeat falls below the best at the winning size: the run-to-run
+    noise a later comparison must allow."""
+    sizes = tuple(sizes or PEAK_SIZES.get(device.type, PEAK_SIZES["cpu"]))
+    by_size, spreads = {}, {}
+    for size in sizes:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        seconds = _timings(lambda: torch.matmul(a, b), device, repeats)
+        by_size[size] = 2 * size**3 / min(seconds)
+        spreads[size] = 1 - min(seconds) / median(seconds)
+        del a, b
+    best = max(by_size, key=by_size.get)
+    return {
+        "flops_per_second": by_size[best],
+        "size": best,
+        "spread": spreads[best],
+        "by_size": {str(size): flops for size, flops in by_size.items()},
+        "repeats": repeats,
+    }
+
+
+_PEAKS: dict = {}
+
+
+def machine_peak(device: torch.device, dtype: torch.dtype) -> dict:
+    """`matmul_peak` once per run, device and dtype: every shape's fractions divide by the same measurement."""
+    key = (str(device), dtype)
+    if key not in _PEAKS:
+        _PEAKS[key] = matmul_peak(device, dtype)
+    return _PEAKS[key]
+
+
+def peak_warnings(report: dict, previous: dict | None) -> list[str]:
+    """A warning for each shape whose matmul peak is below the previous run's (same dtype) by more than the larger
+    of the two runs' spreads: the machine was busier or slower, and every fraction of the peak moves with it."""
+    warnings = []
+    for name, result in report.get("shapes", {}).items():
+        before = ((previous or {}).get("shapes") or {}).get(name) or {}
+        now, then = result.get("matmul_peak"), before.get("matmul_peak")
+        if not now or not then or result.get("dtype") != before.get("dtype"):
+            continue
+        allowed = max(now["spread"], then["spread"])
+        drop = 1 - now["flops_per_second"] / then["flops_per_second"]
+        if drop > allowed:
+            warnings.append(
+                f"warning: {name}: the {result.get('dtype')} matmul peak is {now['flops_per_second'] / 1e9:.0f} "
+                f"GFLOP/s, {drop:.0%} below the previous run's {then['flops_per_second'] / 1e9:.0f} (spread "
+                f"{allowed:.0%}): the machine is busier than then, and the fractions of the peak are not comparable"
+            )
+    return warnings
 
 
 def read_bandwidth(device: torch.device, repeats: int = 10) -> float:
@@ -512,7 +566,8 @@ def bench_shape(name: str, device: torch.device, repeats: int = 3, warmup: int =
         result["peak_memory_ratio_vs_original"] = memory["ours"]["peak_bytes"] / memory["original"]["peak_bytes"]
         result["peak_memory_saved_bytes"] = memory["original"]["peak_bytes"] - memory["ours"]["peak_bytes"]
 
-        peak = matmul_peak_flops(device, shape.dtype)
+        measured_peak = machine_peak(device, shape.dtype)
+        peak = measured_peak["flops_per_second"]
         vision_flops = count_flops(lambda: ours.vision(one))
         original_vision_flops = count_flops(lambda: original.vision(one))
         features = ours.vision(one)
@@ -520,6 +575,7 @@ def bench_shape(name: str, device: torch.device, repeats: int = 3, warmup: int =
         prefill = interleaved({"prefill": _timed(lambda: ours.prefill(one, features), device)}, repeats, warmup)
         result["prefill_seconds"] = prefill["prefill"]
         result["matmul_peak_flops_per_second"] = peak
+        result["matmul_peak"] = measured_peak
         result["vision_flops"] = {"ours": vision_flops, "original": original_vision_flops}
         result["prefill_flops"] = prefill_flops
         result["vision_fraction_of_matmul_peak"] = vision_flops / vision["ours"] / peak
@@ -617,7 +673,9 @@ def format_table(report: dict) -> str:
         ("**peak memory ratio vs original**", lambda r: _format(r["peak_memory_ratio_vs_original"], "x")),
         ("vision pass, fraction of matmul peak", lambda r: _format(r["vision_fraction_of_matmul_peak"], "%")),
         ("prefill, fraction of matmul peak", lambda r: _format(r["prefill_fraction_of_matmul_peak"], "%")),
-        ("matmul peak", lambda r: f"{r['matmul_peak_flops_per_second'] / 1e9:.0f} GFLOP/s"),
+        ("matmul peak (best size, spread)",
+         lambda r: f"{r['matmul_peak_flops_per_second'] / 1e9:.0f} GFLOP/s ({r['matmul_peak']['size']}², "
+                   f"{r['matmul_peak']['spread']:.1%})"),
         ("features vs original (max relative difference)",
          lambda r: f"{r['features_max_relative_difference']:.1e}"),
     ]  # fmt: skip
@@ -669,7 +727,15 @@ def _bench(args) -> int:
     require_at_least("--batch-size", args.batch_size, 1)
     report = run_benchmark(shapes, args.device, args.repeats, args.warmup, args.decode_tokens, args.batch_size,
                            args.work_dir, args.compile, log=lambda message: print(message, file=sys.stderr, flush=True))  # fmt: skip
+    previous = None
+    if args.json and Path(args.json).is_file():
+        try:
+            previous = json.loads(Path(args.json).read_text())
+        except ValueError:
+            previous = None
     print(format_table(report))
+    for warning in peak_warnings(report, previous):
+        print(warning)
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
