@@ -112,3 +112,16 @@ def test_a_peak_below_the_previous_run_s_by_more_than_the_spread_is_a_warning():
     assert warning.startswith("warning: large: the bfloat16 matmul peak is 80 GFLOP/s, 20% below the previous run's 100")
     assert benchmark.peak_warnings(report(80e9, 0.05), report(100e9, 0.02, dtype="float32")) == []
     assert benchmark.peak_warnings(report(80e9, 0.05), None) == []
+
+
+def test_dtype_applies_to_every_shape(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--shapes", "tiny", "--dtype", "bfloat16", "--json", str(path), "--device", "cpu", "--repeats",
+            "1", "--warmup", "0", "--decode-tokens", "3", "--batch-size", "2"]  # fmt: skip
+    assert main(argv) == 0
+    assert "| tiny (bfloat16) |" in capsys.readouterr().out
+    tiny = json.loads(path.read_text())["shapes"]["tiny"]
+    assert tiny["dtype"] == "bfloat16" and tiny["matmul_peak"]["flops_per_second"] > 0
+    assert tiny["features_max_relative_difference"] < 2e-2  # both sides in bf16: the same computation
+    assert benchmark.get_shape("large").dtype == torch.bfloat16
+    assert benchmark.get_shape("large", "float32").dtype == torch.float32

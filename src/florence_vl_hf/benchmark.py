@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from statistics import median
@@ -84,9 +84,21 @@ def _bart(d_model: int, layers: int, heads: int) -> dict:
     }
 
 
-def get_shape(name: str) -> Shape:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def get_shape(name: str, dtype: str | None = None) -> Shape:
     """tiny: the test configs. base: Florence-2-base with a Llama-shaped 0.5B LLM. large: Florence-2-large +
-    Phi-3.5-mini (the shapes of the released 3B model), in bf16."""
+    Phi-3.5-mini (the shapes of the released 3B model), in bf16. `dtype` (a DTYPES name) overrides the shape's."""
+    shape = _named_shape(name)
+    if dtype is None:
+        return shape
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return replace(shape, dtype=DTYPES[dtype])
+
+
+def _named_shape(name: str) -> Shape:
     if name == "tiny":
         config = tiny_config("phi3")
         florence2 = {"vision_config": config.vision_config.vision_config.to_dict(),
@@ -463,8 +475,9 @@ def _peak_memory(kind, folder, device, dtype, tokens) -> dict:
 
 @torch.no_grad()
 def bench_shape(name: str, device: torch.device, repeats: int = 3, warmup: int = 1, decode_tokens: int = 16,
-                batch_size: int = 8, work_dir=None, compile_decode: bool = False, log=print) -> dict:  # fmt: skip
-    shape = get_shape(name)
+                batch_size: int = 8, work_dir=None, compile_decode: bool = False, log=print,
+                dtype: str | None = None) -> dict:  # fmt: skip
+    shape = get_shape(name, dtype)
     needed, available = _memory_needed(shape), _available_memory(device)
     if needed > available:
         return {"skipped": f"needs about {needed / 2**30:.1f} GiB of {device.type} memory, "
@@ -598,16 +611,18 @@ def machine_info(device: torch.device) -> dict:
 
 
 def run_benchmark(shapes, device="cpu", repeats: int = 3, warmup: int = 1, decode_tokens: int = 16,
-                  batch_size: int = 8, work_dir=None, compile_decode: bool = False, log=print) -> dict:  # fmt: skip
+                  batch_size: int = 8, work_dir=None, compile_decode: bool = False, log=print,
+                  dtype: str | None = None) -> dict:  # fmt: skip
     device = torch.device(device)
     for name in shapes:
-        get_shape(name)  # unknown names fail before any work
+        get_shape(name, dtype)  # unknown names and dtypes fail before any work
     transformers_logging.disable_progress_bar()
     report = {"machine": machine_info(device), "settings": {"repeats": repeats, "warmup": warmup,
-              "decode_tokens": decode_tokens, "batch_size": batch_size, "compile": compile_decode}, "shapes": {}}  # fmt: skip
+              "decode_tokens": decode_tokens, "batch_size": batch_size, "compile": compile_decode, "dtype": dtype},
+              "shapes": {}}  # fmt: skip
     for name in shapes:
         report["shapes"][name] = bench_shape(name, device, repeats, warmup, decode_tokens, batch_size, work_dir,
-                                             compile_decode, log=log)  # fmt: skip
+                                             compile_decode, log=log, dtype=dtype)  # fmt: skip
     return report
 
 
@@ -700,6 +715,8 @@ def add_bench_parser(commands):
     )
     bench.add_argument("--shapes", default="tiny,base", help="comma-separated: tiny, base, large (default tiny,base)")
     bench.add_argument("--json", help="also write the full results to this JSON file")
+    bench.add_argument("--dtype", choices=tuple(DTYPES),
+                       help="the dtype of every shape (default: each shape's own: tiny and base float32, large bfloat16)")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="device to measure on (default: cuda if available, else cpu)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median; default 3)")
@@ -726,7 +743,8 @@ def _bench(args) -> int:
     require_at_least("--decode-tokens", args.decode_tokens, 3)
     require_at_least("--batch-size", args.batch_size, 1)
     report = run_benchmark(shapes, args.device, args.repeats, args.warmup, args.decode_tokens, args.batch_size,
-                           args.work_dir, args.compile, log=lambda message: print(message, file=sys.stderr, flush=True))  # fmt: skip
+                           args.work_dir, args.compile, log=lambda message: print(message, file=sys.stderr, flush=True),
+                           dtype=args.dtype)  # fmt: skip
     previous = None
     if args.json and Path(args.json).is_file():
         try:
