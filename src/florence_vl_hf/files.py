@@ -12,9 +12,9 @@ _RANDOM_TAIL = len("-4294967295-0123abcd.tmp")  # what callers append to a sibli
 def sibling_prefix(target, kind: str) -> str:
     """`.NAME.KIND-`: the prefix of a hidden temporary sibling of `target` (staging, retired, .tmp files). NAME is
     shortened with a hash where a valid 255-byte name of `target` would make the sibling's name too long; the choice
-    does not depend on what follows, so every run derives the same prefix for the same target."""
+    does not depend on what follows, so every run derives the same prefix for the same target and kind."""
     name = Path(target).name
-    if len(os.fsencode(f".{name}.partial-")) + _RANDOM_TAIL > NAME_MAX:
+    if len(os.fsencode(f".{name}.{kind}-")) + _RANDOM_TAIL > NAME_MAX:
         name = f"{name[:40]}~{hashlib.sha256(os.fsencode(name)).hexdigest()[:12]}"
     return f".{name}.{kind}-"
 

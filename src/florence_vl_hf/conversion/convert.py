@@ -156,7 +156,9 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def build_config(source: Source, vocab_rows: int) -> FlorenceVLConfig:
+def build_model(source: Source, vocab_rows: int) -> FlorenceVLForConditionalGeneration:
+    """The Florence-VL model the source describes, on the meta device (no memory): its config, state dict keys,
+    shapes and dtypes are what the converted weights are checked against, and it saves them."""
     check_llava_settings(source.config, source.florence2.vision_config.projection_dim)
     text_config = text_config_from_llava(source.config)
     text_config.vocab_size = vocab_rows
@@ -169,13 +171,12 @@ def build_config(source: Source, vocab_rows: int) -> FlorenceVLConfig:
             projector_type=source.config["mm_projector_type"],
         )
         with torch.device("meta"):
-            FlorenceVLForConditionalGeneration(config)
+            return FlorenceVLForConditionalGeneration(config)
     except Exception as error:  # a value the checks above do not know, deep inside transformers
         raise ConversionError(
             f"Cannot build the model from {source.folder / 'config.json'} and {source.vision_config_from} config: "
             f"{type(error).__name__}: {error}"
         ) from error
-    return config
 
 
 @dataclass
@@ -289,11 +290,12 @@ def _check_finite(tensor: torch.Tensor, where: str):
         )
 
 
-def assemble(source: Source, plan: TensorPlan, config: FlorenceVLConfig, dtype: torch.dtype, log=print):
-    """The Florence-VL state dict in `dtype`, checked against the model's own keys, shapes and dtypes, every tensor
-    finite, and a summary."""
-    with torch.device("meta"):
-        model_state = FlorenceVLForConditionalGeneration(config).state_dict()
+def assemble(source: Source, plan: TensorPlan, skeleton: FlorenceVLForConditionalGeneration, dtype: torch.dtype,
+             log=print):
+    """The Florence-VL state dict in `dtype`, checked against the (meta) model's own keys, shapes and dtypes, every
+    tensor finite, and a summary."""
+    config = skeleton.config
+    model_state = skeleton.state_dict()
     expected = {k: v.shape for k, v in model_state.items()}
     derived, resized = [], {}
     missing = [k for k in expected if k not in plan.sources]
@@ -506,10 +508,11 @@ def convert_checkpoint(
         source_rows = store.shape(key)[0]
         needed = len(tokenizer) + (0 if IMAGE_TOKEN in tokenizer.get_vocab() else 1)
         rows = source_rows if needed <= source_rows else -(-needed // EMBEDDING_ROW_MULTIPLE) * EMBEDDING_ROW_MULTIPLE
-        config = build_config(source_ckpt, rows)
+        skeleton = build_model(source_ckpt, rows)
+        config = skeleton.config
         processor = build_processor(config, tokenizer=tokenizer, template=template)
         processor.image_aspect_ratio = source_ckpt.config.get("image_aspect_ratio", "pad")
-        state, tensor_summary = assemble(source_ckpt, plan, config, DTYPES[dtype], log)
+        state, tensor_summary = assemble(source_ckpt, plan, skeleton, DTYPES[dtype], log)
         log(f"mapped {tensor_summary['mapped']} tensors; dropped " + ", ".join(
             f"{why} ({d['tensors']} tensors, {d['parameters']:,} parameters)" for why, d in tensor_summary["dropped"].items()))  # fmt: skip
 
@@ -542,8 +545,7 @@ def convert_checkpoint(
             "image_tokens_per_image": config.num_image_tokens,
         }
 
-        with torch.device("meta"):
-            skeleton = FlorenceVLForConditionalGeneration(config).to(DTYPES[dtype])
+        skeleton.to(DTYPES[dtype])
         skeleton.generation_config = generation_config
         skeleton.save_pretrained(staging, state_dict=state, max_shard_size=max_shard_size)
         del state

@@ -23,7 +23,9 @@ def foreign_auto_map_entries(folder) -> list[str]:
             content = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        for holder in (content, *(v for v in content.values() if isinstance(v, dict))) if isinstance(content, dict) else ():
+        if not isinstance(content, dict):
+            continue
+        for holder in (content, *(value for value in content.values() if isinstance(value, dict))):
             auto_map = holder.get("auto_map")
             if auto_map is None:
                 continue

@@ -105,13 +105,12 @@ def read_json(path: Path) -> dict:
 def check_source_files(folder: Path):
     """Refuse what a conversion would read from `folder` (and its vision_tower/) before anything reads it: special
     files in place of known files, symlink loops, JSON files that are no object."""
-    for name in ("vision_tower",):
-        path = Path(folder) / name
-        if os.path.islink(path):
-            try:
-                os.stat(path)
-            except OSError as error:
-                raise ConversionError(f"{path} is a symlink that cannot be followed: {error.strerror or error}") from None
+    vision_dir = Path(folder) / "vision_tower"
+    if os.path.islink(vision_dir):
+        try:
+            os.stat(vision_dir)
+        except OSError as error:
+            raise ConversionError(f"{vision_dir} is a symlink that cannot be followed: {error.strerror or error}") from None
     for sub in ("", "vision_tower"):
         here = Path(folder) / sub
         if not here.is_dir():

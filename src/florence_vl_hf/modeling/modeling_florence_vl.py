@@ -306,12 +306,16 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         transformers, whose own tests run RoPE models past that length."""
         text_config = self.config.text_config
         limit = getattr(text_config, "max_position_embeddings", None)
-        rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
-        if limit is not None and rope.get("rope_type") in ("linear", "dynamic"):
-            limit = int(limit * rope.get("factor", 1.0))
-        past = cache.get_seq_length() if cache is not None else 0
-        if limit is None or not isinstance(past, int) or torch.compiler.is_compiling() or past + new_positions <= limit:
+        if limit is None or torch.compiler.is_compiling():
             return
+        past = cache.get_seq_length() if cache is not None else 0
+        if not isinstance(past, int) or past + new_positions <= limit:  # every decoding step ends here
+            return
+        rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+        if rope.get("rope_type") in ("linear", "dynamic"):
+            limit = int(limit * rope.get("factor", 1.0))
+            if past + new_positions <= limit:
+                return
         what = f"The prompt has {new_positions} tokens" if past == 0 else f"Positions up to {past + new_positions - 1}"
         logger.warning_once(
             f"{what}, past the {limit} positions the language model was trained on "
