@@ -15,8 +15,8 @@ sides of each ratio alike. Decode times come from a clock inside `generate` (one
 exclude the prefill. Peak memory comes from a fresh worker process per implementation.
 """
 
-import argparse
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -24,13 +24,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 from statistics import median
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -184,10 +185,31 @@ def _parameters(*modules) -> tuple[int, int]:
     return count, size
 
 
+@dataclass
+class BenchSettings:
+    """What one `florence-vl bench` run measures (the CLI's options)."""
+
+    repeats: int = 3
+    warmup: int = 1
+    decode_tokens: int = 16
+    batch_size: int = 8
+    compile_decode: bool = False
+    int8: bool = False  # int8 weight-only decode against bf16 (torchao, compiled, static cache)
+    scaling: bool = False  # time to first token at SCALING_IMAGES images, decode at SCALING_BATCHES (the plot)
+    isolate: bool | None = None  # each side in its own worker process; None: when both do not fit at once
+
+
+SCALING_IMAGES = (1, 2, 4)
+SCALING_BATCHES = (1, 4, 16)
+SIDES = ("ours", "original")
+
+
 class Ours:
-    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype):
-        self.model = FlorenceVLForConditionalGeneration.from_pretrained(folder / "florence_vl", dtype=dtype)
+    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype, quantization_config=None):
+        self.model = FlorenceVLForConditionalGeneration.from_pretrained(
+            folder / "florence_vl", dtype=dtype, quantization_config=quantization_config)  # fmt: skip
         self.model.to(device).eval()
+        self._decode_cache = None
 
     def modules(self):
         return [self.model]
@@ -198,8 +220,21 @@ class Ours:
     def first_token(self, batch):
         return self.model.generate(**batch, max_new_tokens=1, do_sample=False)
 
+    scaling_first_token = first_token
+
     def generate(self, batch, tokens: int, **kwargs):
         return self.model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, **kwargs)
+
+    def decode(self, batch, tokens: int, **kwargs):
+        """`generate` with the image features cached: only the decode steps are timed, and the prefill of every
+        decode run after the first re-reads the features instead of running the vision tower again."""
+        if self._decode_cache is None:
+            self._decode_cache = self.model.enable_vision_feature_cache()
+        self.model.vision_feature_cache = self._decode_cache
+        try:
+            return self.generate(batch, tokens, **kwargs)
+        finally:
+            self.model.disable_vision_feature_cache()
 
     def prefill(self, batch, features):
         inputs = {k: v for k, v in batch.items() if k not in ("pixel_values", "task_prompt_ids")}
@@ -209,7 +244,8 @@ class Ours:
 
 class Original:
     """The original algorithm on the same weights: full Florence-2 through generate(max_new_tokens=1) per prompt
-    row, the projector, then the LLM on inputs_embeds. The LLM alone is the bare-LLM baseline."""
+    row, the projector, then the LLM on inputs_embeds. The LLM alone is the bare-LLM baseline (`decode`,
+    `scaling_first_token`)."""
 
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype):
         self.florence2 = Florence2ForConditionalGeneration.from_pretrained(folder / "florence2", dtype=dtype)
@@ -277,25 +313,42 @@ class Original:
         return self.llm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], max_new_tokens=tokens,
                                  min_new_tokens=tokens, do_sample=False, **kwargs)  # fmt: skip
 
-    def bare_generate(self, batch, tokens: int, **kwargs):
+    def decode(self, batch, tokens: int, **kwargs):
         """The bare LLM on the same token ids (the `<image>` placeholders are ordinary rows of its vocabulary)."""
         return self.llm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, **kwargs)  # fmt: skip
 
+    def scaling_first_token(self, batch):
+        return self.llm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 max_new_tokens=1, do_sample=False)  # fmt: skip
 
-def make_batch(folder: Path, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """One bundled image and a short question through the processor, repeated `batch_size` times."""
+
+def load_side(kind: str, folder: Path, device: torch.device, dtype: torch.dtype):
+    return (Ours if kind == "ours" else Original)(folder, device, dtype)
+
+
+def make_batch(folder: Path, batch_size: int, device: torch.device, dtype: torch.dtype, images: int = 1) -> dict:
+    """The bundled image (`images` times in one prompt) and a short question through the processor, repeated
+    `batch_size` times."""
     from PIL import Image
 
     config = FlorenceVLConfig.from_pretrained(folder / "florence_vl")
     processor = build_processor(config, template=TEMPLATE)
     image = Image.open(str(resources.files("florence_vl_hf") / "assets" / "shapes.png")).convert("RGB")
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt")  # fmt: skip
+    content = [{"type": "image", "image": image}] * images + [{"type": "text", "text": QUESTION}]
+    inputs = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=True, return_tensors="pt")  # fmt: skip
     batch = {key: torch.cat([value] * batch_size).to(device) for key, value in inputs.items()}
     batch["pixel_values"] = batch["pixel_values"].to(dtype)
     return batch
+
+
+def make_batches(folder: Path, settings: BenchSettings, device: torch.device, dtype: torch.dtype) -> dict:
+    """Every batch the measures use, keyed (batch size, images per prompt)."""
+    keys = {(1, 1), (settings.batch_size, 1)}
+    if settings.scaling:
+        keys |= {(1, images) for images in SCALING_IMAGES} | {(size, 1) for size in SCALING_BATCHES}
+    return {key: make_batch(folder, key[0], device, dtype, images=key[1]) for key in sorted(keys)}
 
 
 def interleaved(measures: dict, repeats: int, warmup: int) -> dict[str, float]:
@@ -330,6 +383,124 @@ def _decode_clock(generate, batch, tokens, device, **kwargs):
         return clock.per_token()
 
     return measure
+
+
+def _compile_kwargs(device: torch.device) -> dict:
+    """generate() compiles the decoding forward for static caches; on CPU it must be asked to."""
+    config = CompileConfig(mode="default" if device.type == "cpu" else "reduce-overhead", dynamic=False)
+    config._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": config}
+
+
+def side_measures(side, batches: dict, settings: BenchSettings, device: torch.device) -> dict:
+    """name -> (measure, warm-up runs): the same names for both sides, so that `ours` and `original` pair up. The
+    original side's decode and scaling measures are the bare LLM's."""
+    size, tokens, warmup = settings.batch_size, settings.decode_tokens, settings.warmup
+    one, many = batches[(1, 1)], batches[(size, 1)]
+    measures = {
+        "vision_batch1": (_timed(lambda: side.vision(one), device), warmup),
+        f"vision_batch{size}": (_timed(lambda: side.vision(many), device), 0),
+        "first_token": (_timed(lambda: side.first_token(one), device), warmup),
+        "decode_batch1": (_decode_clock(side.decode, one, tokens, device), warmup),
+        f"decode_batch{size}": (_decode_clock(side.decode, many, tokens, device), warmup),
+        "decode_batch1_static_cache": (
+            _decode_clock(side.decode, one, tokens, device, cache_implementation="static"), warmup),
+    }  # fmt: skip
+    if settings.compile_decode:
+        compiled = _decode_clock(side.decode, one, tokens, device, **_compile_kwargs(device))
+        measures["decode_batch1_static_cache_compiled"] = (compiled, max(warmup, 1))
+    if settings.scaling:
+        for images in SCALING_IMAGES:
+            batch = batches[(1, images)]
+            measures[f"first_token_images{images}"] = (_timed(lambda b=batch: side.scaling_first_token(b), device), 0)
+        for batch_size in SCALING_BATCHES:
+            if f"decode_batch{batch_size}" not in measures:
+                batch = batches[(batch_size, 1)]
+                measures[f"decode_batch{batch_size}"] = (_decode_clock(side.decode, batch, tokens, device), 0)
+    return measures
+
+
+def alone(measures: dict, repeats: int) -> dict[str, float]:
+    """Each measure after its own warm-up, `repeats` times (the median): one side in its own process."""
+    return {name: interleaved({name: fn}, repeats, warmup)[name] for name, (fn, warmup) in measures.items()}
+
+
+def paired(ours: dict, original: dict, repeats: int) -> tuple[dict, dict]:
+    """Each measure of both sides interleaved (`interleaved`): both sides loaded in this process."""
+    times = {"ours": {}, "original": {}}
+    for name, (fn, warmup) in ours.items():
+        pair = interleaved({"ours": fn, "original": original[name][0]}, repeats, warmup)
+        times["ours"][name], times["original"][name] = pair["ours"], pair["original"]
+    return times["ours"], times["original"]
+
+
+def side_info(kind: str, side, batches: dict) -> dict:
+    """What is counted once per side: FLOPs, parameters, bytes read per decode step, and the fused features of the
+    first batch (compared across sides)."""
+    one = batches[(1, 1)]
+    features = side.vision(one)
+    info = {"vision_flops": count_flops(lambda: side.vision(one)), "parameters": _parameters(*side.modules()),
+            "features": features}  # fmt: skip
+    if kind == "ours":
+        model = side.model
+        info["prefill_flops"] = count_flops(lambda: side.prefill(one, features))
+        info["first_token_flops"] = count_flops(lambda: side.first_token(one))
+        info["num_image_tokens"] = model.config.num_image_tokens
+        info["prompt_tokens"] = int(one["input_ids"].shape[1])
+        # A decode step reads every weight of the LLM once, except the input embeddings (one row per token).
+        llm = model.model.language_model
+        embeddings = _parameters(llm.get_input_embeddings())[1]
+        info["decode_bytes_per_step"] = _parameters(llm, model.lm_head)[1] - embeddings
+        if model.config.text_config.tie_word_embeddings:
+            info["decode_bytes_per_step"] += embeddings  # the LM head reads the whole tied matrix
+    else:
+        info["bare_llm_parameters"] = _parameters(side.llm)
+        decoder = [side.florence2.model.language_model.decoder, side.florence2.lm_head]
+        shared = _parameters(side.florence2.model.language_model.shared)[1]
+        info["florence2_decoder_bytes"] = _parameters(*decoder)[1] - shared
+    return info
+
+
+def ours_extras(ours: Ours, folder: Path, batches: dict, settings: BenchSettings, device, dtype, log) -> dict:
+    """Measures of our side alone: the LLM prefill on precomputed features, and int8 against the model dtype."""
+    one = batches[(1, 1)]
+    features = ours.vision(one)
+    extras = interleaved({"prefill": _timed(lambda: ours.prefill(one, features), device)}, settings.repeats,
+                         settings.warmup)  # fmt: skip
+    if settings.int8:
+        extras.update(int8_comparison(ours, folder, one, settings, device, dtype))
+        log("int8 decode timed")
+    return extras
+
+
+def int8_comparison(ours: Ours, folder: Path, batch: dict, settings: BenchSettings, device, dtype) -> dict:
+    """int8 weight-only (torchao) against the model dtype, decoding batch 1 with a static cache and torch.compile
+    on both sides (torchao's int8 kernels are fused by the compiler; eager int8 dequantizes every weight), timed
+    interleaved in one process; and the greedy tokens of both from the same prompt."""
+    from .quantization import int8_weight_only_config
+
+    quantized = Ours(folder, device, dtype, quantization_config=int8_weight_only_config())
+    tokens, compiled = settings.decode_tokens, _compile_kwargs(device)
+    times = interleaved({"bf16": _decode_clock(ours.decode, batch, tokens, device, **compiled),
+                         "int8": _decode_clock(quantized.decode, batch, tokens, device, **compiled)},
+                        settings.repeats, max(settings.warmup, 1))  # fmt: skip
+    reference = ours.decode(batch, tokens, **compiled)[:, -tokens:]
+    answer = quantized.decode(batch, tokens, **compiled)[:, -tokens:]
+    del quantized
+    gc.collect()
+    return {"int8_decode": times["int8"], "model_dtype_compiled_decode": times["bf16"],
+            "int8_token_agreement": (answer == reference).float().mean().item()}  # fmt: skip
+
+
+_PEAKS: dict = {}
+
+
+def machine_peak(device: torch.device, dtype: torch.dtype) -> dict:
+    """`matmul_peak` once per run, device and dtype: every shape's fractions divide by the same measurement."""
+    key = (str(device), dtype)
+    if key not in _PEAKS:
+        _PEAKS[key] = matmul_peak(device, dtype)
+    return _PEAKS[key]
 
 
 def _best_seconds(fn, device, repeats: int) -> float:
@@ -371,17 +542,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes=None, repeats: i
     }
 
 
-_PEAKS: dict = {}
-
-
-def machine_peak(device: torch.device, dtype: torch.dtype) -> dict:
-    """`matmul_peak` once per run, device and dtype: every shape's fractions divide by the same measurement."""
-    key = (str(device), dtype)
-    if key not in _PEAKS:
-        _PEAKS[key] = matmul_peak(device, dtype)
-    return _PEAKS[key]
-
-
 def peak_warnings(report: dict, previous: dict | None) -> list[str]:
     """A warning for each shape whose matmul peak is below the previous run's (same dtype) by more than the larger
     of the two runs' spreads: the machine was busier or slower, and every fraction of the peak moves with it."""
@@ -418,12 +578,26 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def _memory_needed(shape: Shape) -> int:
+def _parameter_counts(shape: Shape) -> dict[str, int]:
     with torch.device("meta"):
         florence2 = Florence2ForConditionalGeneration(Florence2Config(**shape.florence2))
         llm = AutoModelForCausalLM.from_config(shape.text)
-    element = torch.finfo(shape.dtype).bits // 8
-    return 3 * element * (sum(p.numel() for p in florence2.parameters()) + sum(p.numel() for p in llm.parameters()))
+    decoder = sum(p.numel() for p in florence2.model.language_model.decoder.parameters())
+    return {"florence2": sum(p.numel() for p in florence2.parameters()), "florence2_decoder": decoder,
+            "llm": sum(p.numel() for p in llm.parameters())}  # fmt: skip
+
+
+def memory_plan(shape: Shape, available: int, settings: BenchSettings) -> tuple[bool | None, int, int]:
+    """(isolate, bytes needed, bytes available): both sides in one process when three times their weights fit (the
+    weights, loading, activations), else each side in its own process when one side at a time fits (and the int8
+    copy beside ours); isolate None when neither fits."""
+    counts, element = _parameter_counts(shape), torch.finfo(shape.dtype).bits // 8
+    together = 3 * element * (counts["florence2"] + counts["llm"])
+    ours = counts["florence2"] - counts["florence2_decoder"] + counts["llm"] * (1.5 if settings.int8 else 1)
+    alone_needed = int(1.5 * element * max(ours, counts["florence2"] + counts["llm"]))
+    if settings.isolate is False or (settings.isolate is None and together <= available):
+        return (False, together, available) if together <= available else (None, together, available)
+    return (True, alone_needed, available) if alone_needed <= available else (None, alone_needed, available)
 
 
 def _available_memory(device: torch.device) -> int:
@@ -442,9 +616,12 @@ def _proc_status(field: str) -> int:
     raise RuntimeError(f"{field} is not in /proc/self/status")
 
 
-def memory_worker(kind: str, folder: Path, device: torch.device, dtype: torch.dtype, tokens: int) -> dict:
-    """Peak memory of one implementation answering one question (vision, prefill, `tokens` decoded), measured in
-    this process: CUDA's peak allocation, or on CPU the resident-set high-water mark above the level before loading."""
+def side_worker(kind: str, folder: Path, device: torch.device, dtype: torch.dtype, settings: BenchSettings,
+                measure: bool, log=print) -> dict:  # fmt: skip
+    """One side in this process: its peak memory answering one question (vision, prefill, `decode_tokens` decoded:
+    CUDA's peak allocation, or on CPU the resident-set high-water mark above the level before loading); then, with
+    `measure`, every timing of `side_measures` (each alone), `side_info` (features written to the folder) and, for
+    ours, `ours_extras`."""
     batch = make_batch(folder, 1, device, dtype)
     gc.collect()
     if device.type == "cuda":
@@ -456,30 +633,155 @@ def memory_worker(kind: str, folder: Path, device: torch.device, dtype: torch.dt
         except OSError:
             pass  # then the high-water mark may include a higher level from before loading (imports)
         before = _proc_status("VmRSS")
-    implementation = (Ours if kind == "ours" else Original)(folder, device, dtype)
+    side = load_side(kind, folder, device, dtype)
     with torch.no_grad():
-        implementation.generate(batch, tokens)
+        side.generate(batch, settings.decode_tokens)
     _sync(device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _proc_status("VmHWM")
-    return {"peak_bytes": peak - before, "weights_bytes": _parameters(*implementation.modules())[1]}
+    result = {"memory": {"peak_bytes": peak - before, "weights_bytes": _parameters(*side.modules())[1]}}
+    if not measure:
+        return result
+    with torch.no_grad():
+        batches = make_batches(folder, settings, device, dtype)
+        result["times"] = alone(side_measures(side, batches, settings, device), settings.repeats)
+        log(f"{kind}: timed")
+        info = side_info(kind, side, batches)
+        features_file = folder / f"features-{kind}.safetensors"
+        save_file({"features": info.pop("features").contiguous()}, str(features_file))
+        result["info"] = dict(info, features_file=str(features_file))
+        if kind == "ours":
+            result["extras"] = ours_extras(side, folder, batches, settings, device, dtype, log)
+    return result
 
 
-def _peak_memory(kind, folder, device, dtype, tokens) -> dict:
-    command = [sys.executable, "-m", "florence_vl_hf.benchmark", "--memory-worker", kind, str(folder), str(device),
-               str(dtype).removeprefix("torch."), str(tokens)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
-    if result.returncode != 0:
-        raise RuntimeError(f"memory worker {kind} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def _run_worker(kind, folder, device, dtype, settings: BenchSettings, measure: bool, log) -> dict:
+    command = [sys.executable, "-m", "florence_vl_hf.benchmark", "--worker", kind, str(folder), str(device),
+               str(dtype).removeprefix("torch."), json.dumps(asdict(settings)), "1" if measure else "0"]  # fmt: skip
+    # The worker's progress and errors go straight to this process's stderr.
+    process = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    if process.returncode != 0:
+        raise RuntimeError(f"benchmark worker {kind} failed (exit {process.returncode}); its error is printed above")
+    result = json.loads(process.stdout.strip().splitlines()[-1])
+    if measure:
+        result["info"]["features"] = load_file(result["info"].pop("features_file"))["features"]
+    return result
+
+
+def measure_isolated(folder, device, dtype, settings: BenchSettings, log) -> dict:
+    """Each side in its own worker process, one after the other (for shapes whose two sides do not fit at once)."""
+    sides = {}
+    for kind in SIDES:
+        sides[kind] = _run_worker(kind, folder, device, dtype, settings, True, log)
+        log(f"{kind} measured in its own process")
+    return sides
+
+
+def measure_together(folder, device, dtype, settings: BenchSettings, log) -> dict:
+    """Peak memory from a fresh worker per side, then both sides in this process, every timing interleaved."""
+    sides = {kind: _run_worker(kind, folder, device, dtype, settings, False, log) for kind in SIDES}
+    log("peak memory measured")
+    ours, original = Ours(folder, device, dtype), Original(folder, device, dtype)
+    batches = make_batches(folder, settings, device, dtype)
+    times = paired(side_measures(ours, batches, settings, device), side_measures(original, batches, settings, device),
+                   settings.repeats)  # fmt: skip
+    log("timed")
+    for kind, side, side_times in (("ours", ours, times[0]), ("original", original, times[1])):
+        sides[kind].update(times=side_times, info=side_info(kind, side, batches))
+    sides["ours"]["extras"] = ours_extras(ours, folder, batches, settings, device, dtype, log)
+    del ours, original
+    gc.collect()
+    return sides
+
+
+def summarize(sides: dict, settings: BenchSettings, peak: dict, bandwidth: float) -> dict:
+    """The shape's results from both sides' measurements: times, ratios, floors, memory."""
+    ours, original = sides["ours"], sides["original"]
+    t, r, size = ours["times"], original["times"], settings.batch_size
+    info, original_info, extras = ours["info"], original["info"], ours["extras"]
+    scale = max(1.0, original_info["features"].abs().max().item())
+    difference = (info["features"].float() - original_info["features"].float()).abs().max().item() / scale
+    peak_flops = peak["flops_per_second"]
+    result = {
+        "num_image_tokens": info["num_image_tokens"],
+        "prompt_tokens": info["prompt_tokens"],
+        "parameters": {"ours": info["parameters"][0], "original": original_info["parameters"][0],
+                       "bare_llm": original_info["bare_llm_parameters"][0]},
+        "weights_bytes": {"ours": info["parameters"][1], "original": original_info["parameters"][1],
+                          "bare_llm": original_info["bare_llm_parameters"][1]},
+        "florence2_decoder_bytes": original_info["florence2_decoder_bytes"],
+        "features_max_relative_difference": difference,
+        "vision_seconds_per_image": {
+            "ours_batch1": t["vision_batch1"], "original_batch1": r["vision_batch1"],
+            f"ours_batch{size}": t[f"vision_batch{size}"] / size,
+            f"original_batch{size}": r[f"vision_batch{size}"] / size,
+        },
+        "vision_speedup_vs_original": r["vision_batch1"] / t["vision_batch1"],
+        f"vision_speedup_vs_original_batch{size}": r[f"vision_batch{size}"] / t[f"vision_batch{size}"],
+        "time_to_first_token_seconds": {"ours": t["first_token"], "original": r["first_token"]},
+        "time_to_first_token_speedup_vs_original": r["first_token"] / t["first_token"],
+    }  # fmt: skip
+    decode = {}
+    for name in t:
+        if name.startswith("decode_"):
+            label = name.removeprefix("decode_")
+            decode[f"ours_{label}"], decode[f"bare_llm_{label}"] = t[name] * 1000, r[name] * 1000
+    result["decode_ms_per_token"] = decode
+    result["decode_overhead_vs_bare_llm"] = decode["ours_batch1"] / decode["bare_llm_batch1"]
+    result[f"decode_overhead_vs_bare_llm_batch{size}"] = decode[f"ours_batch{size}"] / decode[f"bare_llm_batch{size}"]
+    result["decode_tokens_per_second"] = {f"ours_batch{n}": 1000 * n / decode[f"ours_batch{n}"] for n in (1, size)}
+    result["static_cache_decode_speedup"] = decode["ours_batch1"] / decode["ours_batch1_static_cache"]
+    if settings.compile_decode:
+        result["compiled_decode_speedup"] = decode["ours_batch1"] / decode["ours_batch1_static_cache_compiled"]
+        result["compiled_decode_overhead_vs_bare_llm"] = (
+            decode["ours_batch1_static_cache_compiled"] / decode["bare_llm_batch1_static_cache_compiled"])
+
+    # Floors: the time the machine needs at its measured peaks. Prefill: FLOPs (vision included) / matmul peak.
+    # Decode: the bytes a step must read / read bandwidth.
+    ttft_floor = info["first_token_flops"] / peak_flops
+    decode_floor = info["decode_bytes_per_step"] / bandwidth
+    result["time_to_first_token_floor_seconds"] = ttft_floor
+    result["time_to_first_token_over_floor"] = t["first_token"] / ttft_floor
+    result["decode_floor_ms_per_token"] = decode_floor * 1000
+    result["decode_over_floor"] = t["decode_batch1"] / decode_floor
+    result["memory_bandwidth_bytes_per_second"] = bandwidth
+    result["decode_bandwidth_fraction"] = decode_floor / t["decode_batch1"]
+    if settings.int8:
+        result["int8_decode_ms_per_token"] = extras["int8_decode"] * 1000
+        result["compiled_decode_ms_per_token"] = extras["model_dtype_compiled_decode"] * 1000
+        result["int8_decode_speedup_vs_bf16"] = extras["model_dtype_compiled_decode"] / extras["int8_decode"]
+        result["int8_decode_speedup_vs_eager"] = t["decode_batch1"] / extras["int8_decode"]
+        result["int8_token_agreement"] = extras["int8_token_agreement"]
+    if settings.scaling:
+        result["scaling"] = {
+            "first_token_seconds_by_images": {side: {str(n): times[f"first_token_images{n}"] for n in SCALING_IMAGES}
+                                              for side, times in (("ours", t), ("bare_llm", r))},
+            "decode_ms_per_token_by_batch": {side: {str(n): times[f"decode_batch{n}"] * 1000 for n in SCALING_BATCHES}
+                                             for side, times in (("ours", t), ("bare_llm", r))},
+        }  # fmt: skip
+
+    memory = {kind: sides[kind]["memory"]["peak_bytes"] for kind in SIDES}
+    result["peak_memory_bytes"] = memory
+    result["peak_memory_ratio_vs_original"] = memory["ours"] / memory["original"]
+    result["peak_memory_saved_bytes"] = memory["original"] - memory["ours"]
+
+    result["prefill_seconds"] = extras["prefill"]
+    result["matmul_peak_flops_per_second"] = peak_flops
+    result["matmul_peak"] = peak
+    result["vision_flops"] = {"ours": info["vision_flops"], "original": original_info["vision_flops"]}
+    result["prefill_flops"] = info["prefill_flops"]
+    result["first_token_flops"] = info["first_token_flops"]
+    result["vision_fraction_of_matmul_peak"] = info["vision_flops"] / t["vision_batch1"] / peak_flops
+    result["prefill_fraction_of_matmul_peak"] = info["prefill_flops"] / extras["prefill"] / peak_flops
+    return result
 
 
 @torch.no_grad()
-def bench_shape(name: str, device: torch.device, repeats: int = 3, warmup: int = 1, decode_tokens: int = 16,
-                batch_size: int = 8, work_dir=None, compile_decode: bool = False, log=print,
+def bench_shape(name: str, device: torch.device, settings: BenchSettings | None = None, work_dir=None, log=print,
                 dtype: str | None = None) -> dict:  # fmt: skip
+    settings = settings or BenchSettings()
     shape = get_shape(name, dtype)
-    needed, available = _memory_needed(shape), _available_memory(device)
-    if needed > available:
+    isolate, needed, available = memory_plan(shape, _available_memory(device), settings)
+    if isolate is None:
         return {"skipped": f"needs about {needed / 2**30:.1f} GiB of {device.type} memory, "
                            f"{available / 2**30:.1f} GiB available"}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix=f"florence-vl-bench-{name}-", dir=work_dir) as tmp:
@@ -487,114 +789,13 @@ def bench_shape(name: str, device: torch.device, repeats: int = 3, warmup: int =
         started = time.perf_counter()
         prepare_checkpoints(shape, folder)
         log(f"[{name}] checkpoints written in {time.perf_counter() - started:.0f}s")
-        result = {"dtype": str(shape.dtype).removeprefix("torch."), "image_size": shape.image_size}
-        memory = {kind: _peak_memory(kind, folder, device, shape.dtype, decode_tokens) for kind in ("ours", "original")}
-        log(f"[{name}] peak memory measured")
-
-        ours, original = Ours(folder, device, shape.dtype), Original(folder, device, shape.dtype)
-        one = make_batch(folder, 1, device, shape.dtype)
-        many = make_batch(folder, batch_size, device, shape.dtype)
-        result["num_image_tokens"] = ours.model.config.num_image_tokens
-        result["prompt_tokens"] = int(one["input_ids"].shape[1])
-        params = {"ours": _parameters(*ours.modules()), "original": _parameters(*original.modules()),
-                  "bare_llm": _parameters(original.llm)}  # fmt: skip
-        result["parameters"] = {kind: count for kind, (count, _) in params.items()}
-        result["weights_bytes"] = {kind: size for kind, (_, size) in params.items()}
-        decoder = [original.florence2.model.language_model.decoder, original.florence2.lm_head]
-        result["florence2_decoder_bytes"] = _parameters(*decoder)[1] - _parameters(
-            original.florence2.model.language_model.shared)[1]  # fmt: skip
-
-        ours_features, original_features = ours.vision(one), original.vision(one)
-        scale = max(1.0, original_features.abs().max().item())
-        result["features_max_relative_difference"] = (ours_features - original_features).abs().max().item() / scale
-
-        vision = interleaved({"ours": _timed(lambda: ours.vision(one), device),
-                              "original": _timed(lambda: original.vision(one), device)}, repeats, warmup)  # fmt: skip
-        vision_many = interleaved({"ours": _timed(lambda: ours.vision(many), device),
-                                   "original": _timed(lambda: original.vision(many), device)}, repeats, 0)  # fmt: skip
-        log(f"[{name}] vision timed")
-        result["vision_seconds_per_image"] = {
-            "ours_batch1": vision["ours"], "original_batch1": vision["original"],
-            f"ours_batch{batch_size}": vision_many["ours"] / batch_size,
-            f"original_batch{batch_size}": vision_many["original"] / batch_size,
-        }  # fmt: skip
-        result["vision_speedup_vs_original"] = vision["original"] / vision["ours"]
-        result[f"vision_speedup_vs_original_batch{batch_size}"] = vision_many["original"] / vision_many["ours"]
-
-        ttft = interleaved({"ours": _timed(lambda: ours.first_token(one), device),
-                            "original": _timed(lambda: original.first_token(one), device)}, repeats, warmup)  # fmt: skip
-        result["time_to_first_token_seconds"] = ttft
-        result["time_to_first_token_speedup_vs_original"] = ttft["original"] / ttft["ours"]
-        log(f"[{name}] time to first token timed")
-
-        # The prefill of each decode run re-reads the image features from the cache: only decode steps are timed.
-        ours.model.enable_vision_feature_cache()
-        decode = {}
-        for label, batch in (("batch1", one), (f"batch{batch_size}", many)):
-            for cache in ("dynamic", "static"):
-                kwargs = {"cache_implementation": "static"} if cache == "static" else {}
-                if cache == "static" and batch is many:
-                    continue
-                times = interleaved({"ours": _decode_clock(ours.generate, batch, decode_tokens, device, **kwargs),
-                                     "bare_llm": _decode_clock(original.bare_generate, batch, decode_tokens, device,
-                                                               **kwargs)}, repeats, warmup)  # fmt: skip
-                suffix = "" if cache == "dynamic" else "_static_cache"
-                decode[f"ours_{label}{suffix}"] = times["ours"] * 1000
-                decode[f"bare_llm_{label}{suffix}"] = times["bare_llm"] * 1000
-        if compile_decode:
-            # generate() compiles the decoding forward for static caches; on CPU it must be asked to.
-            config = CompileConfig(mode="default" if device.type == "cpu" else "reduce-overhead", dynamic=False)
-            config._compile_all_devices = True
-            kwargs = {"cache_implementation": "static", "compile_config": config}
-            times = interleaved({"ours": _decode_clock(ours.generate, one, decode_tokens, device, **kwargs),
-                                 "bare_llm": _decode_clock(original.bare_generate, one, decode_tokens, device,
-                                                           **kwargs)}, repeats, max(warmup, 1))  # fmt: skip
-            decode["ours_batch1_static_cache_compiled"] = times["ours"] * 1000
-            decode["bare_llm_batch1_static_cache_compiled"] = times["bare_llm"] * 1000
-        ours.model.disable_vision_feature_cache()
-        log(f"[{name}] decode timed")
-        result["decode_ms_per_token"] = decode
-        result["decode_overhead_vs_bare_llm"] = decode["ours_batch1"] / decode["bare_llm_batch1"]
-        result[f"decode_overhead_vs_bare_llm_batch{batch_size}"] = (
-            decode[f"ours_batch{batch_size}"] / decode[f"bare_llm_batch{batch_size}"])  # fmt: skip
-        # A decode step reads every weight of the LLM once, except the input embeddings (one row per token):
-        # those bytes / step time is the bandwidth it achieves; bytes / bandwidth is the per-token floor.
-        llm = ours.model.model.language_model
-        llm_bytes = _parameters(llm, ours.model.lm_head)[1] - _parameters(llm.get_input_embeddings())[1]
-        if ours.model.config.text_config.tie_word_embeddings:
-            llm_bytes += _parameters(llm.get_input_embeddings())[1]  # the LM head reads the whole tied matrix
-        bandwidth = read_bandwidth(device)
-        result["decode_tokens_per_second"] = {
-            f"ours_batch{size}": 1000 * size / decode[f"ours_batch{size}"] for size in (1, batch_size)
-        }
-        result["memory_bandwidth_bytes_per_second"] = bandwidth
-        result["decode_bandwidth_fraction"] = llm_bytes / (decode["ours_batch1"] / 1000) / bandwidth
-        result["static_cache_decode_speedup"] = decode["ours_batch1"] / decode["ours_batch1_static_cache"]
-        if compile_decode:
-            result["compiled_decode_speedup"] = decode["ours_batch1"] / decode["ours_batch1_static_cache_compiled"]
-            result["compiled_decode_overhead_vs_bare_llm"] = (
-                decode["ours_batch1_static_cache_compiled"] / decode["bare_llm_batch1_static_cache_compiled"])
-
-        result["peak_memory_bytes"] = {kind: memory[kind]["peak_bytes"] for kind in memory}
-        result["peak_memory_ratio_vs_original"] = memory["ours"]["peak_bytes"] / memory["original"]["peak_bytes"]
-        result["peak_memory_saved_bytes"] = memory["original"]["peak_bytes"] - memory["ours"]["peak_bytes"]
-
-        measured_peak = machine_peak(device, shape.dtype)
-        peak = measured_peak["flops_per_second"]
-        vision_flops = count_flops(lambda: ours.vision(one))
-        original_vision_flops = count_flops(lambda: original.vision(one))
-        features = ours.vision(one)
-        prefill_flops = count_flops(lambda: ours.prefill(one, features))
-        prefill = interleaved({"prefill": _timed(lambda: ours.prefill(one, features), device)}, repeats, warmup)
-        result["prefill_seconds"] = prefill["prefill"]
-        result["matmul_peak_flops_per_second"] = peak
-        result["matmul_peak"] = measured_peak
-        result["vision_flops"] = {"ours": vision_flops, "original": original_vision_flops}
-        result["prefill_flops"] = prefill_flops
-        result["vision_fraction_of_matmul_peak"] = vision_flops / vision["ours"] / peak
-        result["prefill_fraction_of_matmul_peak"] = prefill_flops / prefill["prefill"] / peak
-        del ours, original
-        gc.collect()
+        # The machine's peaks first, while no model is loaded.
+        peak, bandwidth = machine_peak(device, shape.dtype), read_bandwidth(device)
+        measure = measure_isolated if isolate else measure_together
+        sides = measure(folder, device, shape.dtype, settings, lambda message: log(f"[{name}] {message}"))
+        result = {"dtype": str(shape.dtype).removeprefix("torch."), "image_size": shape.image_size,
+                  "isolated": isolate, **summarize(sides, settings, peak, bandwidth)}  # fmt: skip
+    result["seconds"] = time.perf_counter() - started
     return result
 
 
@@ -607,22 +808,24 @@ def machine_info(device: torch.device) -> dict:
     info["transformers"] = transformers.__version__
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
     return info
 
 
-def run_benchmark(shapes, device="cpu", repeats: int = 3, warmup: int = 1, decode_tokens: int = 16,
-                  batch_size: int = 8, work_dir=None, compile_decode: bool = False, log=print,
+def run_benchmark(shapes, device="cpu", settings: BenchSettings | None = None, work_dir=None, log=print,
                   dtype: str | None = None) -> dict:  # fmt: skip
+    settings = settings or BenchSettings()
     device = torch.device(device)
     for name in shapes:
         get_shape(name, dtype)  # unknown names and dtypes fail before any work
     transformers_logging.disable_progress_bar()
-    report = {"machine": machine_info(device), "settings": {"repeats": repeats, "warmup": warmup,
-              "decode_tokens": decode_tokens, "batch_size": batch_size, "compile": compile_decode, "dtype": dtype},
-              "shapes": {}}  # fmt: skip
+    report = {"machine": machine_info(device), "settings": dict(asdict(settings), dtype=dtype), "shapes": {}}
     for name in shapes:
-        report["shapes"][name] = bench_shape(name, device, repeats, warmup, decode_tokens, batch_size, work_dir,
-                                             compile_decode, log=log, dtype=dtype)  # fmt: skip
+        report["shapes"][name] = bench_shape(name, device, settings, work_dir, log=log, dtype=dtype)
     return report
 
 
@@ -634,7 +837,7 @@ def _format(value, unit: str) -> str:
     if unit == "s":
         return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
     if unit == "ms":
-        return f"{value:.2f} ms"
+        return f"{value:.2f} ms" if value < 1000 else f"{value / 1000:.2f} s"
     if unit == "bytes":
         return f"{value / 2**20:.1f} MiB" if abs(value) < 2**30 else f"{value / 2**30:.2f} GiB"
     if unit == "count":
@@ -649,6 +852,10 @@ def _pair(group: str, first: str, second: str, unit: str):
     return lambda result: f"{_format(result[group].get(first), unit)} / {_format(result[group].get(second), unit)}"
 
 
+def _value(key: str, unit: str):
+    return lambda result: _format(result.get(key), unit)
+
+
 def format_table(report: dict) -> str:
     """A markdown table: one row per measurement, one column per shape."""
     shapes = report["shapes"]
@@ -656,23 +863,26 @@ def format_table(report: dict) -> str:
     rows = [
         ("parameters, ours / original", _pair("parameters", "ours", "original", "count")),
         ("weights, ours / original", _pair("weights_bytes", "ours", "original", "bytes")),
-        ("Florence-2 decoder + LM head (not loaded)", lambda r: _format(r["florence2_decoder_bytes"], "bytes")),
+        ("Florence-2 decoder + LM head (not loaded)", _value("florence2_decoder_bytes", "bytes")),
         ("vision per image, batch 1: ours / original",
          _pair("vision_seconds_per_image", "ours_batch1", "original_batch1", "s")),
-        ("**vision speed-up vs original, batch 1**", lambda r: _format(r["vision_speedup_vs_original"], "x")),
+        ("**vision speed-up vs original, batch 1**", _value("vision_speedup_vs_original", "x")),
         (f"vision per image, batch {batch}: ours / original",
          _pair("vision_seconds_per_image", f"ours_batch{batch}", f"original_batch{batch}", "s")),
-        (f"vision speed-up vs original, batch {batch}",
-         lambda r: _format(r[f"vision_speedup_vs_original_batch{batch}"], "x")),
+        (f"vision speed-up vs original, batch {batch}", _value(f"vision_speedup_vs_original_batch{batch}", "x")),
         ("time to first token: ours / original",
          _pair("time_to_first_token_seconds", "ours", "original", "s")),
+        ("time to first token: floor (FLOPs incl. vision / matmul peak)",
+         _value("time_to_first_token_floor_seconds", "s")),
+        ("**time to first token over its floor**", _value("time_to_first_token_over_floor", "x")),
         ("decode per token, batch 1: ours / bare LLM",
          _pair("decode_ms_per_token", "ours_batch1", "bare_llm_batch1", "ms")),
-        ("**decode overhead vs bare LLM, batch 1**", lambda r: _format(r["decode_overhead_vs_bare_llm"], "x")),
+        ("**decode overhead vs bare LLM, batch 1**", _value("decode_overhead_vs_bare_llm", "x")),
+        ("decode per token: floor (weight bytes read / bandwidth)", _value("decode_floor_ms_per_token", "ms")),
+        ("**decode over its floor, batch 1**", _value("decode_over_floor", "x")),
         (f"decode per token, batch {batch}: ours / bare LLM",
          _pair("decode_ms_per_token", f"ours_batch{batch}", f"bare_llm_batch{batch}", "ms")),
-        (f"decode overhead vs bare LLM, batch {batch}",
-         lambda r: _format(r[f"decode_overhead_vs_bare_llm_batch{batch}"], "x")),
+        (f"decode overhead vs bare LLM, batch {batch}", _value(f"decode_overhead_vs_bare_llm_batch{batch}", "x")),
         (f"decode tokens/s, ours, batch 1 / batch {batch}",
          lambda r: f"{r['decode_tokens_per_second']['ours_batch1']:.1f} / "
                    f"{r['decode_tokens_per_second'][f'ours_batch{batch}']:.1f}"),
@@ -684,15 +894,22 @@ def format_table(report: dict) -> str:
         ("decode per token, static cache + torch.compile, batch 1: ours / bare LLM",
          _pair("decode_ms_per_token", "ours_batch1_static_cache_compiled", "bare_llm_batch1_static_cache_compiled",
                "ms")),
+        ("int8 weight-only decode, compiled, batch 1: int8 / model dtype",
+         lambda r: f"{_format(r.get('int8_decode_ms_per_token'), 'ms')} / "
+                   f"{_format(r.get('compiled_decode_ms_per_token'), 'ms')}"),
+        ("**int8 decode speed-up vs model dtype**", _value("int8_decode_speedup_vs_bf16", "x")),
+        ("int8 greedy tokens equal to the model dtype's", _value("int8_token_agreement", "%")),
         ("peak memory: ours / original", _pair("peak_memory_bytes", "ours", "original", "bytes")),
-        ("**peak memory ratio vs original**", lambda r: _format(r["peak_memory_ratio_vs_original"], "x")),
-        ("vision pass, fraction of matmul peak", lambda r: _format(r["vision_fraction_of_matmul_peak"], "%")),
-        ("prefill, fraction of matmul peak", lambda r: _format(r["prefill_fraction_of_matmul_peak"], "%")),
+        ("**peak memory ratio vs original**", _value("peak_memory_ratio_vs_original", "x")),
+        ("vision pass, fraction of matmul peak", _value("vision_fraction_of_matmul_peak", "%")),
+        ("prefill, fraction of matmul peak", _value("prefill_fraction_of_matmul_peak", "%")),
         ("matmul peak (best size, spread)",
          lambda r: f"{r['matmul_peak_flops_per_second'] / 1e9:.0f} GFLOP/s ({r['matmul_peak']['size']}², "
                    f"{r['matmul_peak']['spread']:.1%})"),
         ("features vs original (max relative difference)",
          lambda r: f"{r['features_max_relative_difference']:.1e}"),
+        ("sides measured", lambda r: "one process each" if r.get("isolated") else "together, interleaved"),
+        ("bench time for this shape", _value("seconds", "s")),
     ]  # fmt: skip
     lines = ["| | " + " | ".join(f"{name} ({shapes[name].get('dtype', '-')})" for name in shapes) + " |",
              "| --- |" + " --- |" * len(shapes)]  # fmt: skip
@@ -705,13 +922,55 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def write_scaling_plot(report: dict, path) -> Path:
+    """A PNG: per shape, time to first token against images per prompt and decode ms/token against batch size, for
+    ours and the bare LLM (matplotlib: the `plot` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot
+    except ImportError as error:
+        raise ImportError('the plot needs matplotlib: pip install "florence-vl-hf[plot]"') from error
+    shapes = {name: result["scaling"] for name, result in report["shapes"].items() if "scaling" in result}
+    if not shapes:
+        raise ValueError("no shape has scaling measurements (run the bench with the plot requested)")
+    figure, axes = pyplot.subplots(len(shapes), 2, figsize=(10, 3.6 * len(shapes)), squeeze=False)
+    panels = (("first_token_seconds_by_images", "images per prompt", "time to first token (s)"),
+              ("decode_ms_per_token_by_batch", "batch size", "decode ms / token"))  # fmt: skip
+    for row, (name, scaling) in zip(axes, shapes.items()):
+        dtype = report["shapes"][name].get("dtype", "")
+        for axis, (key, xlabel, ylabel) in zip(row, panels):
+            for side, label in (("ours", "Florence-VL (ours)"), ("bare_llm", "bare LLM")):
+                points = sorted((int(x), y) for x, y in scaling[key][side].items())
+                axis.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+            axis.set_xscale("log", base=2)
+            axis.set_xticks([int(x) for x in scaling[key]["ours"]], [str(x) for x in scaling[key]["ours"]])
+            axis.set(xlabel=xlabel, ylabel=ylabel, title=f"{name} ({dtype})")
+            axis.set_ylim(bottom=0)
+            axis.grid(alpha=0.3)
+            axis.legend()
+    machine = report.get("machine", {})
+    figure.suptitle(f"florence-vl bench on {machine.get('gpu') or machine.get('cpu') or machine.get('processor', '')}"
+                    f" ({machine.get('torch_threads', '?')} threads)")  # fmt: skip
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(staging, dpi=110)
+    pyplot.close(figure)
+    os.replace(staging, path)
+    return path
+
+
 def add_bench_parser(commands):
     bench = commands.add_parser(
         "bench",
         help="speed and memory against the original algorithm and the bare LLM (random weights)",
         description="Times the vision features, time to first token and decode of Florence-VL against the original "
         "algorithm (native Florence-2 through generate(max_new_tokens=1), decoder loaded) and the bare LLM, on the "
-        "same random weights, and measures peak memory. Prints a markdown table.",
+        "same random weights, against the machine's floors (matmul peak, read bandwidth), and measures peak memory. "
+        "Prints a markdown table.",
     )
     bench.add_argument("--shapes", default="tiny,base", help="comma-separated: tiny, base, large (default tiny,base)")
     bench.add_argument("--json", help="also write the full results to this JSON file")
@@ -726,6 +985,13 @@ def add_bench_parser(commands):
     bench.add_argument("--batch-size", type=int, default=8, help="the larger batch (vision and decode)")
     bench.add_argument("--compile", action="store_true",
                        help="also time decoding with a static cache and generate()'s torch.compile (slow to compile)")
+    bench.add_argument("--int8", action="store_true",
+                       help="also time int8 weight-only decode (torchao: the int8 extra) against the model dtype, "
+                       "both compiled with a static cache")
+    bench.add_argument("--plot", help="also measure time to first token at 1, 2, 4 images and decode at batch 1, 4, "
+                       "16, and write them as a PNG plot to this path (matplotlib: the plot extra)")
+    bench.add_argument("--isolate", action="store_true",
+                       help="measure each side in its own worker process (default: only when both do not fit)")
     bench.add_argument("--work-dir", help="where the temporary checkpoints are written (default: the system temp)")
     bench.set_defaults(handler=_bench)
 
@@ -742,9 +1008,14 @@ def _bench(args) -> int:
     require_at_least("--warmup", args.warmup, 0)
     require_at_least("--decode-tokens", args.decode_tokens, 3)
     require_at_least("--batch-size", args.batch_size, 1)
-    report = run_benchmark(shapes, args.device, args.repeats, args.warmup, args.decode_tokens, args.batch_size,
-                           args.work_dir, args.compile, log=lambda message: print(message, file=sys.stderr, flush=True),
-                           dtype=args.dtype)  # fmt: skip
+    for option, wanted, module, extra in (("--int8", args.int8, "torchao", "int8"),
+                                          ("--plot", args.plot, "matplotlib", "plot")):  # fmt: skip
+        if wanted and importlib.util.find_spec(module) is None:
+            raise CommandError(f'{option} needs {module}: pip install "florence-vl-hf[{extra}]"')
+    settings = BenchSettings(args.repeats, args.warmup, args.decode_tokens, args.batch_size, args.compile,
+                             int8=args.int8, scaling=bool(args.plot), isolate=True if args.isolate else None)  # fmt: skip
+    report = run_benchmark(shapes, args.device, settings, args.work_dir,
+                           log=lambda message: print(message, file=sys.stderr, flush=True), dtype=args.dtype)  # fmt: skip
     previous = None
     if args.json and Path(args.json).is_file():
         try:
@@ -754,6 +1025,8 @@ def _bench(args) -> int:
     print(format_table(report))
     for warning in peak_warnings(report, previous):
         print(warning)
+    if args.plot:
+        print(f"\nwrote {write_scaling_plot(report, args.plot)}")
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -764,7 +1037,10 @@ def _bench(args) -> int:
     return 0
 
 
-if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "--memory-worker":
-    _, _, kind, folder, device, dtype, tokens = sys.argv
+if __name__ == "__main__" and len(sys.argv) == 8 and sys.argv[1] == "--worker":
+    _, _, kind, folder, device, dtype, settings, measure = sys.argv
     transformers_logging.disable_progress_bar()
-    print(json.dumps(memory_worker(kind, Path(folder), torch.device(device), getattr(torch, dtype), int(tokens))))
+    outcome = side_worker(kind, Path(folder), torch.device(device), getattr(torch, dtype),
+                          BenchSettings(**json.loads(settings)), measure == "1",
+                          log=lambda message: print(message, file=sys.stderr, flush=True))  # fmt: skip
+    print(json.dumps(outcome))
