@@ -1,6 +1,6 @@
 """bf16 on CPU: the model computes in bf16 throughout (no silent float32 upcasts outside transformers' documented
 fp32 islands), every attention runs through SDPA with bf16 inputs, and the results follow the same weights in float32
-within bf16's resolution (bf16_findings.md lists what was checked).
+within bf16's resolution (benchmarks/bf16_findings.md lists what was checked).
 
 Bounds: bf16 keeps 8 significant bits, so one rounding is off by up to 2^-8 (0.39 %) relative to the value. The tiny
 models' outputs pass through a few dozen rounded ops (DaViT, BART encoder, projector, LLM), and LayerNorm / RMSNorm
