@@ -175,11 +175,13 @@ def test_int8_and_scaling_results_come_from_their_measures():
              "decode_batch4": 0.03, "decode_batch1_static_cache": 0.025, "decode_batch16": 0.05,
              "first_token_images1": 4.0, "first_token_images2": 7.0, "first_token_images4": 13.0}  # fmt: skip
     sides = _sides(times, dict(times))
-    sides["ours"]["extras"].update(int8_decode=0.01, model_dtype_compiled_decode=0.018, int8_token_agreement=0.75)
+    sides["ours"]["extras"].update(int8_decode=0.01, model_dtype_decode=0.018, int8_token_agreement=0.75,
+                                   int8_decode_bytes_per_step=250)  # fmt: skip
     settings = benchmark.BenchSettings(batch_size=4, int8=True, scaling=True)
     peak = {"flops_per_second": 400.0, "size": 2048, "spread": 0.01}
     result = benchmark.summarize(sides, settings, peak, bandwidth=50_000.0)
-    assert abs(result["int8_decode_speedup_vs_bf16"] - 1.8) < 1e-12 and result["int8_decode_speedup_vs_eager"] == 2.0
+    assert abs(result["int8_decode_speedup_vs_bf16"] - 1.8) < 1e-12
+    assert result["int8_decode_over_floor"] == 2.0  # 250 bytes at 50 000 B/s: 5 ms; 10 ms measured
     assert result["int8_token_agreement"] == 0.75
     assert result["scaling"]["first_token_seconds_by_images"]["ours"] == {"1": 4.0, "2": 7.0, "4": 13.0}
     assert result["scaling"]["decode_ms_per_token_by_batch"]["bare_llm"] == {"1": 20.0, "4": 30.0, "16": 50.0}
@@ -246,3 +248,24 @@ def test_isolated_sides_int8_and_the_plot_from_the_command_line(tmp_path, capsys
     assert 0 <= tiny["int8_token_agreement"] <= 1
     assert set(tiny["scaling"]["decode_ms_per_token_by_batch"]["ours"]) == {"1", "4", "16"}
     assert plot.is_file() and f"wrote {plot}" in printed
+
+
+def test_decode_bytes_count_what_a_step_reads(tiny_phi3):
+    model, _ = tiny_phi3
+    llm = model.model.language_model
+    weights = {id(p): p for m in (llm, model.lm_head) for p in m.parameters()}
+    expected = sum(p.numel() * p.element_size() for p in weights.values())
+    expected += sum(b.numel() * b.element_size() for b in llm.buffers())
+    if not model.config.text_config.tie_word_embeddings:
+        expected -= llm.get_input_embeddings().weight.numel() * llm.get_input_embeddings().weight.element_size()
+    assert benchmark.decode_bytes_per_step(model) == expected
+
+
+def test_int8_weights_count_one_byte_per_value_and_their_scales():
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    linear = torch.nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    quantize_(linear, Int8WeightOnlyConfig())
+    scale = linear.weight.scale
+    assert benchmark._stored_bytes(linear.weight) == 32 * 64 + scale.numel() * scale.element_size()
