@@ -269,3 +269,28 @@ def test_int8_weights_count_one_byte_per_value_and_their_scales():
     quantize_(linear, Int8WeightOnlyConfig())
     scale = linear.weight.scale
     assert benchmark._stored_bytes(linear.weight) == 32 * 64 + scale.numel() * scale.element_size()
+
+
+def test_an_int8_model_s_decode_bytes_are_its_int8_values_scales_and_the_rest(tiny_phi3, tmp_path):
+    pytest.importorskip("torchao")
+    from transformers import AutoModelForImageTextToText
+
+    from florence_vl_hf.quantization import int8_weight_only_config
+
+    model, processor = tiny_phi3
+    model.save_pretrained(tmp_path)
+    quantized = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.bfloat16,
+                                                            quantization_config=int8_weight_only_config())  # fmt: skip
+    llm, expected = quantized.model.language_model, 0
+    for name, module in llm.named_modules():
+        if isinstance(module, torch.nn.Linear):  # int8: one byte per value, one float32 scale per row
+            expected += module.out_features * module.in_features + module.out_features * 4
+    linear_weights = {id(m.weight) for m in llm.modules() if isinstance(m, torch.nn.Linear)}
+    embeddings = llm.get_input_embeddings().weight
+    for tensor in (*llm.parameters(), *llm.buffers()):
+        if id(tensor) not in linear_weights and tensor is not embeddings:
+            expected += tensor.numel() * tensor.element_size()  # norms, rotary buffers: bf16 / float32 as stored
+    head = quantized.lm_head.weight  # kept in bf16
+    expected += head.numel() * 2 if head is not embeddings else embeddings.numel() * 2
+    assert quantized.model.language_model.layers[0].mlp.down_proj.weight.scale.dtype == torch.float32
+    assert benchmark.decode_bytes_per_step(quantized) == expected

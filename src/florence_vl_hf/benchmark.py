@@ -509,7 +509,8 @@ def decode_bytes_per_step(model) -> int:
     embeddings, of which it reads one row per token (the whole matrix when the LM head is tied to it)."""
     llm = model.model.language_model
     embeddings = llm.get_input_embeddings().weight
-    tensors = {t.data_ptr(): t for module in (llm, model.lm_head) for t in (*module.parameters(), *module.buffers())}
+    # Keyed by object: tied weights are one object, and tensor subclasses (torchao's int8) have no data pointer.
+    tensors = {id(t): t for module in (llm, model.lm_head) for t in (*module.parameters(), *module.buffers())}
     total = sum(_stored_bytes(tensor) for tensor in tensors.values())
     return total if model.config.text_config.tie_word_embeddings else total - _stored_bytes(embeddings)
 
