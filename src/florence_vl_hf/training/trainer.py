@@ -6,9 +6,8 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer
 
+from .data import IGNORE_INDEX
 from .stages import is_vision_tower_parameter
-
-IGNORE_INDEX = -100
 
 
 class FlorenceVLTrainer(Trainer):
