@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
-from importlib import resources
 from pathlib import Path
 from statistics import median
 
@@ -53,7 +52,7 @@ from .conversion.source import florence2_config, read_json
 from .modeling import FlorenceVLConfig, FlorenceVLForConditionalGeneration
 from .modeling.configuration_florence_vl import DEPTH_FEATURE
 from .modeling.modeling_florence_vl import FlorenceVLMultiModalProjector
-from .processing import asset_dir, build_processor, florence2_image_processor
+from .processing import asset_dir, build_processor, florence2_image_processor, sample_image
 from .tiny import tiny_config
 
 SHAPE_NAMES = ("tiny", "base", "large")
@@ -327,15 +326,16 @@ def load_side(kind: str, folder: Path, device: torch.device, dtype: torch.dtype)
     return (Ours if kind == "ours" else Original)(folder, device, dtype)
 
 
-def make_batch(folder: Path, batch_size: int, device: torch.device, dtype: torch.dtype, images: int = 1) -> dict:
+def _processor(folder: Path):
+    return build_processor(FlorenceVLConfig.from_pretrained(folder / "florence_vl"), template=TEMPLATE)
+
+
+def make_batch(folder: Path, batch_size: int, device: torch.device, dtype: torch.dtype, images: int = 1,
+               processor=None) -> dict:  # fmt: skip
     """The bundled image (`images` times in one prompt) and a short question through the processor, repeated
     `batch_size` times."""
-    from PIL import Image
-
-    config = FlorenceVLConfig.from_pretrained(folder / "florence_vl")
-    processor = build_processor(config, template=TEMPLATE)
-    image = Image.open(str(resources.files("florence_vl_hf") / "assets" / "shapes.png")).convert("RGB")
-    content = [{"type": "image", "image": image}] * images + [{"type": "text", "text": QUESTION}]
+    processor = processor or _processor(folder)
+    content = [{"type": "image", "image": sample_image()}] * images + [{"type": "text", "text": QUESTION}]
     inputs = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                            tokenize=True, return_dict=True, return_tensors="pt")  # fmt: skip
     batch = {key: torch.cat([value] * batch_size).to(device) for key, value in inputs.items()}
@@ -348,7 +348,8 @@ def make_batches(folder: Path, settings: BenchSettings, device: torch.device, dt
     keys = {(1, 1), (settings.batch_size, 1)}
     if settings.scaling:
         keys |= {(1, images) for images in SCALING_IMAGES} | {(size, 1) for size in SCALING_BATCHES}
-    return {key: make_batch(folder, key[0], device, dtype, images=key[1]) for key in sorted(keys)}
+    processor = _processor(folder)
+    return {key: make_batch(folder, key[0], device, dtype, images=key[1], processor=processor) for key in sorted(keys)}
 
 
 def interleaved(measures: dict, repeats: int, warmup: int) -> dict[str, float]:
@@ -444,13 +445,12 @@ def side_info(kind: str, side, batches: dict) -> dict:
     """What is counted once per side: FLOPs, parameters, bytes read per decode step, and the fused features of the
     first batch (compared across sides)."""
     one = batches[(1, 1)]
-    features = side.vision(one)
-    info = {"vision_flops": count_flops(lambda: side.vision(one)), "parameters": _parameters(*side.modules()),
-            "features": features}  # fmt: skip
+    vision_flops, features = count_flops(lambda: side.vision(one))
+    info = {"vision_flops": vision_flops, "parameters": _parameters(*side.modules()), "features": features}
     if kind == "ours":
         model = side.model
-        info["prefill_flops"] = count_flops(lambda: side.prefill(one, features))
-        info["first_token_flops"] = count_flops(lambda: side.first_token(one))
+        info["prefill_flops"] = count_flops(lambda: side.prefill(one, features))[0]
+        info["first_token_flops"] = count_flops(lambda: side.first_token(one))[0]
         info["num_image_tokens"] = model.config.num_image_tokens
         info["prompt_tokens"] = int(one["input_ids"].shape[1])
         info["decode_bytes_per_step"] = decode_bytes_per_step(model)
@@ -462,10 +462,11 @@ def side_info(kind: str, side, batches: dict) -> dict:
     return info
 
 
-def ours_extras(ours: Ours, folder: Path, batches: dict, settings: BenchSettings, device, dtype, log) -> dict:
-    """Measures of our side alone: the LLM prefill on precomputed features, and int8 against the model dtype."""
+def ours_extras(ours: Ours, folder: Path, batches: dict, features, settings: BenchSettings, device, dtype,
+                log) -> dict:  # fmt: skip
+    """Measures of our side alone: the LLM prefill on the features of `side_info`, and int8 against the model
+    dtype."""
     one = batches[(1, 1)]
-    features = ours.vision(one)
     extras = interleaved({"prefill": _timed(lambda: ours.prefill(one, features), device)}, settings.repeats,
                          settings.warmup)  # fmt: skip
     if settings.int8:
@@ -595,10 +596,11 @@ def read_bandwidth(device: torch.device, repeats: int = 10) -> float:
     return matrix.numel() * 4 / _best_seconds(lambda: torch.mv(matrix, vector), device, repeats)
 
 
-def count_flops(fn) -> int:
+def count_flops(fn) -> tuple[int, object]:
+    """(FLOPs of `fn()`, its result)."""
     with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
+        result = fn()
+    return counter.get_total_flops(), result
 
 
 def _parameter_counts(shape: Shape) -> dict[str, int]:
@@ -669,11 +671,12 @@ def side_worker(kind: str, folder: Path, device: torch.device, dtype: torch.dtyp
         result["times"] = alone(side_measures(side, batches, settings, device), settings.repeats)
         log(f"{kind}: timed")
         info = side_info(kind, side, batches)
+        features = info.pop("features")
         features_file = folder / f"features-{kind}.safetensors"
-        save_file({"features": info.pop("features").contiguous()}, str(features_file))
+        save_file({"features": features.contiguous()}, str(features_file))
         result["info"] = dict(info, features_file=str(features_file))
         if kind == "ours":
-            result["extras"] = ours_extras(side, folder, batches, settings, device, dtype, log)
+            result["extras"] = ours_extras(side, folder, batches, features, settings, device, dtype, log)
     return result
 
 
@@ -710,7 +713,8 @@ def measure_together(folder, device, dtype, settings: BenchSettings, log) -> dic
     log("timed")
     for kind, side, side_times in (("ours", ours, times[0]), ("original", original, times[1])):
         sides[kind].update(times=side_times, info=side_info(kind, side, batches))
-    sides["ours"]["extras"] = ours_extras(ours, folder, batches, settings, device, dtype, log)
+    sides["ours"]["extras"] = ours_extras(ours, folder, batches, sides["ours"]["info"]["features"], settings, device,
+                                          dtype, log)  # fmt: skip
     del ours, original
     gc.collect()
     return sides

@@ -71,7 +71,7 @@ def _demo(args) -> int:
     from .conversion import ConversionError, convert_checkpoint, make_fixture
     from .errors import CommandError, require_at_least
     from .isolation import run_without_package
-    from .processing import asset_dir
+    from .processing import sample_image_path
 
     output_dir = Path(args.output_dir).resolve()
     if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
@@ -79,7 +79,7 @@ def _demo(args) -> int:
     require_at_least("--max-new-tokens", args.max_new_tokens, 1)
     if output_dir.exists():
         shutil.rmtree(output_dir)
-    image = asset_dir("phi-3.5-mini-instruct").parent / "shapes.png"
+    image = sample_image_path()
     started = time.perf_counter()
     original, converted = output_dir / "original", output_dir / "converted"
     make_fixture(original, args.llm, seed=args.seed, image_size=args.image_size)

@@ -6,21 +6,16 @@ max|low - reference| / max|reference| over the whole tensor, the low-precision r
 """
 
 import copy
-from importlib import resources
 from pathlib import Path
 
 import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+from .processing import sample_image
 from .shapes import COUNT_QUESTION
 
 DEFAULT_QUESTION = COUNT_QUESTION  # a ShapesVQA question: "How many shapes are there?"
-
-
-def default_image() -> Image.Image:
-    """The bundled test image (a red circle, a blue square, a green triangle and the word SHAPES)."""
-    return Image.open(str(resources.files("florence_vl_hf") / "assets" / "shapes.png")).convert("RGB")
 
 
 def max_relative_difference(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -130,7 +125,7 @@ def dtype_agreement(
         if not folder:
             raise ValueError("pass the processor with a loaded model (only a folder provides its own)")
         processor = AutoProcessor.from_pretrained(str(model))
-    image = default_image() if image is None else image
+    image = sample_image() if image is None else image
     device = device or ("cpu" if folder else model.device)
     stored = AutoConfig.from_pretrained(str(model)).dtype if folder else model.dtype  # what dtype="auto" loads
     inputs = _inputs(processor, image, question, device)
@@ -167,4 +162,4 @@ def dtype_agreement(
     }
 
 
-__all__ = ["DEFAULT_QUESTION", "default_image", "dtype_agreement", "max_relative_difference", "token_agreement"]
+__all__ = ["DEFAULT_QUESTION", "dtype_agreement", "max_relative_difference", "token_agreement"]

@@ -12,11 +12,10 @@ import gc
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, Florence2ForConditionalGeneration
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from ..processing import asset_dir
+from ..processing import sample_image
 from .errors import VerificationError
 from .keys import LLAVA_VISION_PREFIX, TRANSPOSED_NATIVE_KEYS, florence2_to_native
 from .source import text_config_from_llava
@@ -152,7 +151,7 @@ def verify_conversion(
 ) -> dict:  # fmt: skip
     """Compare `folder` (a converted model) with the reference forward from `source`; raises VerificationError."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    image = image or Image.open(asset_dir("phi-3.5-mini-instruct").parent / "shapes.png").convert("RGB")
+    image = image or sample_image()
     inputs, features, logits, tokens, generation_kwargs, image_token_id = converted_outputs(
         folder, compute_dtype, device, max_new_tokens, image, question
     )

@@ -25,6 +25,19 @@ def asset_dir(name: str) -> Path:
     return path
 
 
+def sample_image_path() -> Path:
+    """The bundled test image: a red circle, a blue square, a green triangle and the word SHAPES."""
+    return Path(str(resources.files("florence_vl_hf") / "assets" / "shapes.png"))
+
+
+def sample_image():
+    """`sample_image_path()` opened as an RGB PIL image."""
+    from PIL import Image
+
+    with Image.open(sample_image_path()) as image:
+        return image.convert("RGB")
+
+
 def load_chat_template(name: str) -> str:
     if name not in CHAT_TEMPLATES:
         raise ValueError(f"Unknown chat template {name!r}; choose one of {CHAT_TEMPLATES}")
@@ -115,6 +128,8 @@ __all__ = [
     "build_processor",
     "encode_task_prompts",
     "florence2_image_processor",
+    "sample_image",
+    "sample_image_path",
     "load_chat_template",
     "prepare_tokenizer",
 ]
