@@ -18,6 +18,7 @@ from PIL import Image  # noqa: E402
 import florence_vl_hf  # noqa: E402,F401  (registers the Auto classes)
 from florence_vl_hf.build import build_random_model  # noqa: E402
 from florence_vl_hf.processing import asset_dir  # noqa: E402
+from florence_vl_hf.lab.fixture import make_fixture  # noqa: E402
 from florence_vl_hf.tiny import tiny_config  # noqa: E402
 
 torch.set_num_threads(2)
@@ -67,3 +68,22 @@ def tiny(request):
 @pytest.fixture(scope="session")
 def tiny_phi3():
     return build_random_model(tiny_config("phi3"), seed=0)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests that train: small models run faster, and results don't depend on the machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def fixtures(tmp_path_factory):
+    """Original-layout checkpoints: {llm: folder}. Phi-3.5 as sharded safetensors, Llama-3.1 as sharded .bin."""
+    root = tmp_path_factory.mktemp("sources")
+    return {
+        "phi3": make_fixture(root / "florence-vl-phi3", "phi3", seed=1),
+        "llama": make_fixture(root / "florence-vl-llama", "llama", seed=2, weights_format="bin", shards=3),
+    }

@@ -152,7 +152,7 @@ def test_every_subcommand_and_option_has_help():
     assert {"demo-tiny", "demo", "convert", "make-fixture", "push", "make-shapes-data", "serve", "train", "train-tiny",
             "bundle-tiny", "ablations", "eval-shapes", "alignment", "bench"} <= set(subcommands)  # fmt: skip
 def test_convert_names_a_broken_source_file_in_one_error_line(capsys, tmp_path):
-    from florence_vl_hf.conversion import make_fixture
+    from florence_vl_hf.lab.fixture import make_fixture
 
     source = make_fixture(tmp_path / "src", "phi3", seed=3)
     (source / "vision_tower" / "config.json").write_text("[]")

@@ -7,7 +7,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import florence_vl_hf
 from florence_vl_hf.precision import dtype_agreement, max_relative_difference, token_agreement
-from florence_vl_hf.shapes import COUNT_QUESTION
+from florence_vl_hf.lab.shapes import COUNT_QUESTION
 
 # bf16 keeps 8 significant bits (one rounding: up to 2^-8 = 0.39 % of the value); the bounds allow 8 roundings' worth
 BOUND = 2**-5

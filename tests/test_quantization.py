@@ -11,8 +11,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import florence_vl_hf
 from florence_vl_hf.quantization import KEPT_MODULES, int8_weight_only_config
-from florence_vl_hf.shapes import make_shapes_data
-from florence_vl_hf.training.evaluate import answer
+from florence_vl_hf.lab.shapes import make_shapes_data
+from florence_vl_hf.lab.evaluate import answer
 
 pytest.importorskip("torchao", reason="the int8 extra is part of the test extra")
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from florence_vl_hf.conversion import make_fixture
+from florence_vl_hf.lab.fixture import make_fixture
 from florence_vl_hf.processing import asset_dir
-from florence_vl_hf.shapes import make_shapes_data
+from florence_vl_hf.lab.shapes import make_shapes_data
 from florence_vl_hf.tiny import tiny_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"

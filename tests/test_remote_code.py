@@ -12,7 +12,7 @@ import florence_vl_hf
 from florence_vl_hf.build import save_hub_folder
 from florence_vl_hf.isolation import run_without_package
 from florence_vl_hf.processing import asset_dir
-from florence_vl_hf.training.bundle import payload_sources
+from florence_vl_hf.lab.bundle import payload_sources
 
 PAYLOAD = ("configuration_florence_vl.py", "modeling_florence_vl.py", "processing_florence_vl.py")
 ALLOWED_TOP_LEVEL = {"torch", "transformers", "PIL"} | set(sys.stdlib_module_names)

@@ -8,8 +8,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import florence_vl_hf
 from florence_vl_hf.cli import main
-from florence_vl_hf.shapes import QUESTION_TYPES, make_shapes_data
-from florence_vl_hf.training.evaluate import evaluate_shapes
+from florence_vl_hf.lab.shapes import QUESTION_TYPES, make_shapes_data
+from florence_vl_hf.lab.evaluate import evaluate_shapes
 
 
 @pytest.fixture(scope="module")

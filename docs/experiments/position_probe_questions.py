@@ -15,10 +15,10 @@ import PIL.Image, torch
 from transformers import AutoModelForImageTextToText
 from florence_vl_hf.build import build_random_model
 from florence_vl_hf.modeling import FlorenceVLConfig
-from florence_vl_hf.shapes import Scene, position_pairs
+from florence_vl_hf.lab.shapes import Scene, position_pairs
 from florence_vl_hf.training.data import ImageCache
-from florence_vl_hf.training.evaluate import answer
-from florence_vl_hf.training.shapes_recipe import TINY_IMAGE_SIZE, TINY_TEXT, TINY_VISION, TinyRecipe, _stage
+from florence_vl_hf.lab.evaluate import answer
+from florence_vl_hf.lab.shapes_recipe import TINY_IMAGE_SIZE, TINY_TEXT, TINY_VISION, TinyRecipe, _stage
 
 torch.set_num_threads(int(os.environ.get("NT", 1)))
 source, layers, heads, steps, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])

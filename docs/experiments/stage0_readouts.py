@@ -5,7 +5,7 @@ $SHAPES_TRAIN (default /tmp/tiny-work/shapes-train-24000-seed1); its first 6000 
 cached in $PIXELS (default /tmp/pv6000.pt). A research probe, not part of the package."""
 import json, os, sys, time, torch, torch.nn.functional as F
 from pathlib import Path
-from florence_vl_hf.training.shapes_recipe import tiny_shapes_config, reinit_davit, zero_davit_mixers, init_position_tables
+from florence_vl_hf.lab.shapes_recipe import tiny_shapes_config, reinit_davit, zero_davit_mixers, init_position_tables
 from florence_vl_hf.build import build_random_model
 torch.set_num_threads(int(os.environ.get("NT", 2)))
 A, B = int(sys.argv[1]), int(sys.argv[2])

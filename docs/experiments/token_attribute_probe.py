@@ -12,9 +12,9 @@ torch.set_num_threads(1)
 from pathlib import Path
 from safetensors.torch import load_model
 from florence_vl_hf.build import build_random_model
-from florence_vl_hf.training.shapes_recipe import tiny_shapes_config
-from florence_vl_hf.training.region_pretraining import box_tokens
-from florence_vl_hf.shapes import SHAPES, COLORS
+from florence_vl_hf.lab.shapes_recipe import tiny_shapes_config
+from florence_vl_hf.lab.region_pretraining import box_tokens
+from florence_vl_hf.lab.shapes import SHAPES, COLORS
 model, proc = build_random_model(tiny_shapes_config(), seed=0)
 load_model(model, sys.argv[1]); model.eval()
 def feats(folder, n):

@@ -9,20 +9,6 @@ from pathlib import Path
 
 DEMO_QUESTION = "What shapes are in the image?"
 
-_REMOTE_PIPELINE = """
-import json
-from transformers import pipeline
-from PIL import Image
-folder, image_path, question = ({folder!r}, {image!r}, {question!r})
-pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
-messages = [{{"role": "user", "content": [{{"type": "image", "image": Image.open(image_path)}},
-                                         {{"type": "text", "text": question}}]}}]
-out = pipe(text=messages, max_new_tokens={max_new_tokens})
-print(json.dumps({{"model_class": type(pipe.model).__module__ + "." + type(pipe.model).__name__,
-                  "answer": out[0]["generated_text"][-1]["content"]}}))
-"""
-
-
 def _demo_tiny(args) -> int:
     import PIL.Image
     from transformers import pipeline
@@ -62,51 +48,6 @@ def _demo_tiny(args) -> int:
         verdict = "" if item["answer"] is None else ("  (right)" if reply == item["answer"] else
                                                      f"  (expected {item['answer']!r})")  # fmt: skip
         print(f"  {item['question']:55s} -> {reply!r}{verdict}")
-    print(f"done in {time.perf_counter() - started:.1f}s")
-    return 0
-
-
-def _demo(args) -> int:
-    from . import __version__
-    from .conversion import ConversionError, convert_checkpoint, make_fixture
-    from .errors import CommandError, require_at_least
-    from .isolation import run_without_package
-    from .processing import sample_image_path
-
-    output_dir = Path(args.output_dir).resolve()
-    if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
-        raise CommandError(f"--output-dir {output_dir} is not empty (use --overwrite to replace it)")
-    require_at_least("--max-new-tokens", args.max_new_tokens, 1)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    image = sample_image_path()
-    started = time.perf_counter()
-    original, converted = output_dir / "original", output_dir / "converted"
-    make_fixture(original, args.llm, seed=args.seed, image_size=args.image_size)
-    size = sum(p.stat().st_size for p in original.rglob("*") if p.is_file())
-    print(f"florence_vl_hf {__version__}: wrote a tiny random {args.llm} Florence-VL checkpoint in the original "
-          f"LLaVA-fork layout ({size / 1e6:.1f} MB, real tokenizer files) to {original}")
-    try:
-        report = convert_checkpoint(original, converted, repo_id=f"florence-vl-demo-{args.llm}",
-                                    log=lambda line: print(f"  {line}"))  # fmt: skip
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"converted and verified into the Hub-ready folder {converted}:")
-    for path in sorted(converted.iterdir()):
-        print(f"  {path.name:32s} {path.stat().st_size:>12,d} bytes")
-
-    code = _REMOTE_PIPELINE.format(
-        folder=str(converted), image=str(image), question=args.question, max_new_tokens=args.max_new_tokens
-    )
-    result = run_without_package(code)
-    reply = json.loads(result.stdout.strip().splitlines()[-1])
-    print(f"reloaded it with trust_remote_code=True in a process where florence_vl_hf cannot be imported "
-          f"(model class {reply['model_class']})")
-    print(f"pipeline('image-text-to-text') on {image.name}: {args.question!r}")
-    print(f"  -> {reply['answer']!r}  (random weights: the words are noise, the plumbing is real)")
-    print(f"verification: {report['verification']['max_abs_diff']}, greedy tokens identical: "
-          f"{report['verification']['greedy_tokens_agree']}")
     print(f"done in {time.perf_counter() - started:.1f}s")
     return 0
 
@@ -173,50 +114,6 @@ def _convert(args) -> int:
     return _push_folder(args, args.output_dir, args.push_to_hub) if args.push_to_hub else 0
 
 
-def _make_fixture(args) -> int:
-    from .conversion import ConversionError, make_fixture
-
-    try:
-        folder = make_fixture(
-            args.output_dir,
-            args.llm,
-            seed=args.seed,
-            dtype=args.dtype,
-            weights_format=args.weights_format,
-            shards=args.shards,
-            image_size=args.image_size,
-            tied_copies=not args.without_tied_copies,
-            overwrite=args.overwrite,
-        )
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    print(f"wrote a tiny random {args.llm} Florence-VL checkpoint in the original layout to {folder}:")
-    for path in files:
-        print(f"  {str(path.relative_to(folder)):40s} {path.stat().st_size:>12,d} bytes")
-    return 0
-
-
-def _make_shapes_data(args) -> int:
-    from .shapes import make_shapes_data
-
-    try:
-        summary = make_shapes_data(
-            args.output_dir, args.num_images, seed=args.seed, split_name=args.split, overwrite=args.overwrite
-        )
-    except FileExistsError:
-        print(f"error: {args.output_dir} is not empty (use --overwrite to replace it)", file=sys.stderr)
-        return 1
-    except (NotADirectoryError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {summary.num_images} ShapesVQA images and {summary.num_questions} questions "
-          f"{dict(summary.question_counts)} to {summary.output_dir}:")  # fmt: skip
-    print("  captions.json (stage 1), instructions.json (stage 2), questions.jsonl (scoring), scenes.jsonl, images/")
-    return 0
-
-
 def _serve(args) -> int:
     from .errors import CommandError, require_at_least
 
@@ -251,11 +148,7 @@ class _PrintVersions(argparse.Action):
         parser.exit()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="florence-vl", description="Florence-VL on Hugging Face Transformers")
-    parser.add_argument("--version", action=_PrintVersions, nargs=0, help="print the versions and exit")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_demo_tiny_parser(commands) -> argparse.ArgumentParser:
     tiny_demo = commands.add_parser(
         "demo-tiny", help="ask the bundled florence-vl-tiny about a ShapesVQA image through pipeline('image-text-to-text')"
     )
@@ -267,25 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny_demo.add_argument("--max-new-tokens", type=int, default=8, help="the most tokens per answer (default: 8)")
     tiny_demo.set_defaults(handler=_demo_tiny)
+    return tiny_demo
 
-    demo = commands.add_parser(
-        "demo",
-        help="make a tiny original-layout checkpoint, convert and verify it, reload it with trust_remote_code and "
-        "run the pipeline",
-    )
-    demo.add_argument("--output-dir", required=True,
-                      help="folder to write: original/ (the tiny checkpoint) and converted/ (the Hub-ready folder)")
-    demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
-    demo.add_argument("--llm", default="phi3", choices=["phi3", "llama"],
-                      help="language model family of the tiny checkpoint: Phi-3.5 or Llama-3.1 (default: phi3)")
-    demo.add_argument("--image-size", type=int, default=64,
-                      help="side in pixels of the square input image of the tiny checkpoint (default: 64)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
-    demo.add_argument("--question", default=DEMO_QUESTION,
-                      help=f"the question asked about the bundled image (default: {DEMO_QUESTION!r})")
-    demo.add_argument("--max-new-tokens", type=int, default=12, help="the most tokens of the answer (default: 12)")
-    demo.set_defaults(handler=_demo)
 
+def add_convert_parser(commands) -> argparse.ArgumentParser:
     convert = commands.add_parser(
         "convert",
         help="convert an original Florence-VL checkpoint (folder or Hub repo id) into a verified Hub-ready folder",
@@ -307,45 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "to use when the source has no vision_tower/ (default: the bundled Florence-2-large files)")
     _add_push_options(convert, repo_flag=True)
     convert.set_defaults(handler=_convert)
+    return convert
 
-    fixture = commands.add_parser(
-        "make-fixture", help="write a tiny random checkpoint in the original Florence-VL layout (for tests and demos)"
-    )
-    fixture.add_argument("output_dir", help="folder to write (refused if not empty, unless --overwrite)")
-    fixture.add_argument("--llm", default="phi3", choices=["phi3", "llama"],
-                         help="language model family: llava_phi (Phi-3.5) or llava_llama (Llama-3.1) (default: phi3)")
-    fixture.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
-    fixture.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                         help="dtype of the written weights (default: bfloat16)")
-    fixture.add_argument("--weights-format", default="safetensors", choices=["safetensors", "bin"],
-                         help="file format of the main weights (default: safetensors)")
-    fixture.add_argument("--shards", type=int, default=2, help="number of main weight files (1: no index; default: 2)")
-    fixture.add_argument("--image-size", type=int, default=32,
-                         help="side in pixels of the square input image (default: 32)")
-    fixture.add_argument("--without-tied-copies", action="store_true",
-                         help="leave out the tied BART embed_tokens / lm_head copies (a save that kept them shared)")
-    fixture.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
-    fixture.set_defaults(handler=_make_fixture)
 
+def add_push_parser(commands) -> argparse.ArgumentParser:
     push = commands.add_parser("push", help="upload a converted, verified folder to the Hugging Face Hub")
     push.add_argument("folder", help="a folder written by `florence-vl convert`")
     push.add_argument("repo_id", help="Hub repository id, e.g. user/florence-vl-3b-sft-hf")
     _add_push_options(push, repo_flag=False)
     push.set_defaults(handler=_push)
+    return push
 
-    shapes = commands.add_parser(
-        "make-shapes-data",
-        help="generate a ShapesVQA split (synthetic images, captions and questions) in LLaVA format",
-    )
-    shapes.add_argument("output_dir", help="folder to write (refused if not empty, unless --overwrite)")
-    shapes.add_argument("--num-images", type=int, default=1000,
-                        help="images to generate, each with its caption and questions (default: 1000)")
-    shapes.add_argument("--seed", type=int, default=0,
-                        help="the same seed writes the same files; fewer images are a prefix of more (default: 0)")
-    shapes.add_argument("--split", default="train", help="name used in ids and image file names (default: train)")
-    shapes.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
-    shapes.set_defaults(handler=_make_shapes_data)
 
+def add_serve_parser(commands) -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve", help="an OpenAI-compatible chat-completions server (POST /v1/chat/completions) for a Florence-VL model"
     )
@@ -364,19 +216,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level (default: warning)")
     serve.set_defaults(handler=_serve)
+    return serve
 
-    from .training.cli import add_tiny_parsers, add_train_parser
 
-    add_train_parser(commands)
-    add_tiny_parsers(commands)
+COMMANDS_ENTRY_POINT = "florence_vl_hf.commands"
 
-    from .analysis.cli import add_alignment_parser
 
-    add_alignment_parser(commands)
+def build_parser() -> argparse.ArgumentParser:
+    """The core's commands, then those that installed distributions register under the `florence_vl_hf.commands`
+    entry point (a function taking the subparsers; the lab's is `florence_vl_hf.lab.cli:add_lab_commands`)."""
+    from importlib.metadata import entry_points
 
     from .benchmark import add_bench_parser
+    from .training.cli import add_train_parser
 
-    add_bench_parser(commands)
+    parser = argparse.ArgumentParser(prog="florence-vl", description="Florence-VL on Hugging Face Transformers")
+    parser.add_argument("--version", action=_PrintVersions, nargs=0, help="print the versions and exit")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add_parser in (add_demo_tiny_parser, add_convert_parser, add_push_parser, add_serve_parser, add_train_parser,
+                       add_bench_parser):  # fmt: skip
+        add_parser(commands)
+    for entry in entry_points(group=COMMANDS_ENTRY_POINT):
+        entry.load()(commands)
     return parser
 
 

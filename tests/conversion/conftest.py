@@ -1,20 +1,10 @@
 import pytest
 
-from florence_vl_hf.conversion import convert_checkpoint, make_fixture
+from florence_vl_hf.conversion import convert_checkpoint
 
 
 def quiet(*_):
     pass
-
-
-@pytest.fixture(scope="session")
-def fixtures(tmp_path_factory):
-    """Original-layout checkpoints: {llm: folder}. Phi-3.5 as sharded safetensors, Llama-3.1 as sharded .bin."""
-    root = tmp_path_factory.mktemp("sources")
-    return {
-        "phi3": make_fixture(root / "florence-vl-phi3", "phi3", seed=1),
-        "llama": make_fixture(root / "florence-vl-llama", "llama", seed=2, weights_format="bin", shards=3),
-    }
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from florence_vl_hf.conversion import ConversionError, convert_checkpoint, make_fixture
+from florence_vl_hf.conversion import ConversionError, convert_checkpoint
+from florence_vl_hf.lab.fixture import make_fixture
 from florence_vl_hf.conversion.card import validate_model_card
 from florence_vl_hf.processing import load_chat_template
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from florence_vl_hf.conversion import ConversionError, PushError, VerificationError, convert_checkpoint, make_fixture
+from florence_vl_hf.conversion import ConversionError, PushError, VerificationError, convert_checkpoint
+from florence_vl_hf.lab.fixture import make_fixture
 from florence_vl_hf.conversion import convert as convert_module
 from florence_vl_hf.conversion.hub import REPORT_NAME, foreign_auto_map_entries, push_folder
 from florence_vl_hf.conversion.keys import Mapped

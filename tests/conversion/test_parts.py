@@ -10,7 +10,8 @@ from transformers import (
 )
 
 from florence_vl_hf import FlorenceVLForConditionalGeneration, from_pretrained_parts
-from florence_vl_hf.conversion import ConversionError, convert_checkpoint, make_fixture
+from florence_vl_hf.conversion import ConversionError, convert_checkpoint
+from florence_vl_hf.lab.fixture import make_fixture
 from florence_vl_hf.processing import asset_dir, florence2_image_processor
 from florence_vl_hf.tiny import tiny_config
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from florence_vl_hf.cli import main
-from florence_vl_hf.conversion import make_fixture
+from florence_vl_hf.lab.fixture import make_fixture
 from florence_vl_hf.conversion.errors import PushError
 from florence_vl_hf.conversion.hub import push_folder, verified
 

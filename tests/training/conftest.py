@@ -7,11 +7,6 @@ from PIL import Image
 from florence_vl_hf.build import build_random_model
 from florence_vl_hf.tiny import tiny_config
 
-# florence-vl-tiny's recipe at a few images and steps, for tests that run it
-MICRO = dict(train_images=6, test_images=3, batch_size=4, stage0_steps=2, stage1_steps=2, stage2_steps=2,
-             stage1_vision_start_step=1)
-
-
 def write_samples(folder, samples):
     path = folder / "data.json"
     path.write_text(json.dumps(samples))
@@ -39,12 +34,3 @@ def data_folder(tmp_path, shapes_image):
 def fresh_phi3():
     """A new tiny random model for tests that train it."""
     return build_random_model(tiny_config("phi3"), seed=0)
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread for tests that train: small models run faster, and results don't depend on the machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -16,7 +16,7 @@ from transformers import TrainingArguments
 
 import florence_vl_hf
 from florence_vl_hf.cli import main
-from florence_vl_hf.shapes import make_shapes_data
+from florence_vl_hf.lab.shapes import make_shapes_data
 from florence_vl_hf.tiny import tiny_config
 from florence_vl_hf.training import TrainingSetupError, train, training_arguments
 from florence_vl_hf.training.api import check_sharding, fsdp_arguments

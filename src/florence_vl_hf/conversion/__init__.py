@@ -1,11 +1,11 @@
-"""Conversion of the original Florence-VL checkpoints, fixtures in their layout, assembling from parts, Hub upload.
+"""Conversion of the original Florence-VL checkpoints, assembling from parts, Hub upload (fixtures in the original
+layout: `florence_vl_hf.lab.fixture`).
 
 Not part of the Hub payload.
 """
 
 from .convert import convert_checkpoint, open_source
 from .errors import ConversionError, PushError, VerificationError
-from .fixture import make_fixture
 from .hub import push_folder
 
 __all__ = [
@@ -13,7 +13,6 @@ __all__ = [
     "PushError",
     "VerificationError",
     "convert_checkpoint",
-    "make_fixture",
     "open_source",
     "push_folder",
 ]

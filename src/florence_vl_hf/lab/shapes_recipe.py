@@ -23,9 +23,9 @@ from safetensors.torch import load_model, save_model
 from ..build import build_random_model, save_hub_folder
 from ..files import sibling_prefix, write_text_atomic
 from ..modeling import FlorenceVLConfig
-from ..shapes import Scene, make_shapes_data, position_pairs
-from .api import train, training_arguments
-from .data import ImageCache, load_conversations
+from .shapes import Scene, make_shapes_data, position_pairs
+from ..training.api import train, training_arguments
+from ..training.data import ImageCache, load_conversations
 from .evaluate import evaluate_shapes
 from .region_pretraining import pretrain_regions
 

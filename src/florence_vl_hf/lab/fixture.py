@@ -19,9 +19,9 @@ from transformers import AutoModelForCausalLM, Florence2Config, Florence2ForCond
 
 from ..processing import asset_dir
 from ..tiny import tiny_config
-from .convert import LLM_ASSETS, staged_output
-from .keys import LLAVA_VISION_PREFIX, TRANSPOSED_NATIVE_KEYS, native_to_florence2
-from .source import text_config_from_llava
+from ..conversion.convert import LLM_ASSETS, staged_output
+from ..conversion.keys import LLAVA_VISION_PREFIX, TRANSPOSED_NATIVE_KEYS, native_to_florence2
+from ..conversion.source import text_config_from_llava
 
 LLAVA_TYPES = {"phi3": ("llava_phi", "LlavaPhiForCausalLM", "phi3"), "llama": ("llava_llama", "LlavaLlamaForCausalLM", "llama3")}
 SOURCE_VOCAB = {"phi3": 32064, "llama": 128257}  # rows of the released checkpoints' embeddings

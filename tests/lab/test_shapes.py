@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from florence_vl_hf.shapes import (
+from florence_vl_hf.lab.shapes import (
     COLORS,
     QUESTION_TYPES,
     SHAPES,

@@ -73,7 +73,7 @@ def test_llama_fixture_has_the_fast_tokenizer_with_the_added_pad(fixtures):
 
 
 def test_fixture_is_reproducible_from_its_seed(tmp_path):
-    from florence_vl_hf.conversion import make_fixture
+    from florence_vl_hf.lab.fixture import make_fixture
 
     first = make_fixture(tmp_path / "a", "phi3", seed=3, shards=1)
     second = make_fixture(tmp_path / "b", "phi3", seed=3, shards=1)

@@ -3,9 +3,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from florence_vl_hf.build import build_random_model
-from florence_vl_hf.shapes import WORDS, make_shapes_data
-from florence_vl_hf.training.region_pretraining import box_tokens, depth_tokens, pretrain_regions, scene_targets
-from florence_vl_hf.training.shapes_recipe import tiny_shapes_config, zero_davit_mixers
+from florence_vl_hf.lab.shapes import WORDS, make_shapes_data
+from florence_vl_hf.lab.region_pretraining import box_tokens, depth_tokens, pretrain_regions, scene_targets
+from florence_vl_hf.lab.shapes_recipe import tiny_shapes_config, zero_davit_mixers
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

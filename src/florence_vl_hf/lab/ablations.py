@@ -6,7 +6,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..files import write_text_atomic
-from ..shapes import QUESTION_TYPES
+from .shapes import QUESTION_TYPES
 from .shapes_recipe import TinyRecipe, train_tiny
 
 # name -> (fusion, vision_feature_sources); None keeps all four features (depth + the three task prompts).

@@ -5,14 +5,14 @@ from dataclasses import asdict, replace
 
 import pytest
 import torch
-from conftest import MICRO
+from micro_recipe import MICRO
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 
-from florence_vl_hf.shapes import QUESTION_TYPES, Scene, Shape
-from florence_vl_hf.training.ablations import VARIANTS, format_table, run_ablations
+from florence_vl_hf.lab.shapes import QUESTION_TYPES, Scene, Shape
+from florence_vl_hf.lab.ablations import VARIANTS, format_table, run_ablations
 from florence_vl_hf.build import build_random_model
-from florence_vl_hf.training import shapes_recipe
-from florence_vl_hf.training.shapes_recipe import (
+from florence_vl_hf.lab import shapes_recipe
+from florence_vl_hf.lab.shapes_recipe import (
     TinyRecipe,
     further_left_questions,
     init_position_tables,

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from ..cards import check_card_metadata, metadata_block
 from ..files import sibling_prefix
 from ..processing import asset_dir
-from ..shapes import QUESTION_TYPES
+from .shapes import QUESTION_TYPES
 
 MAX_WEIGHTS_BYTES = 25_000_000
 # What the bundled folder needs to load with the package's registered classes.

@@ -6,7 +6,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 
-from ..shapes import score
+from .shapes import score
 
 
 def shapes_prompts(processor, questions: list[str]) -> list[str]:

@@ -31,7 +31,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .files import sibling_prefix
+from ..files import sibling_prefix
 
 SPEC_VERSION = "ShapesVQA v1"
 

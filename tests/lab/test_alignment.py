@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from florence_vl_hf.analysis import (
+from florence_vl_hf.lab.alignment import (
     FEATURE_NAMES,
     alignment_curve,
     alignment_loss,
@@ -20,8 +20,8 @@ from florence_vl_hf.analysis import (
     plot_curves,
     run_alignment,
 )
-from florence_vl_hf.analysis.alignment import PALETTE, moving_average
-from florence_vl_hf.analysis.cli import add_alignment_parser
+from florence_vl_hf.lab.alignment import PALETTE, moving_average
+from florence_vl_hf.lab.alignment_cli import add_alignment_parser
 from florence_vl_hf.modeling.configuration_florence_vl import DEFAULT_TASK_PROMPTS
 
 
@@ -200,7 +200,7 @@ def test_plot_writes_png_with_every_line(tmp_path):
 
 def test_alignment_command(tmp_path, tiny_phi3, capsys):
     from florence_vl_hf.build import save_hub_folder
-    from florence_vl_hf.shapes import make_shapes_data
+    from florence_vl_hf.lab.shapes import make_shapes_data
 
     data = tmp_path / "shapes"
     make_shapes_data(data, 12, seed=0, split_name="val")
@@ -232,7 +232,7 @@ def test_alignment_command(tmp_path, tiny_phi3, capsys):
 
 
 def test_distinct_captions_keep_the_first_pair_of_each_caption(tmp_path):
-    from florence_vl_hf.analysis.cli import load_caption_pairs
+    from florence_vl_hf.lab.alignment_cli import load_caption_pairs
 
     def sample(i, caption):
         return {"id": str(i), "image": f"{i}.png",

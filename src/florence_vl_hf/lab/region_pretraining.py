@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..shapes import COLORS, SHAPES, WORDS
-from .data import ImageCache, image_pixel_values
+from .shapes import COLORS, SHAPES, WORDS
+from ..training.data import ImageCache, image_pixel_values
 
 logger = logging.getLogger(__name__)
 

@@ -2,13 +2,13 @@ import json
 
 import pytest
 import torch
-from conftest import MICRO
+from micro_recipe import MICRO
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from florence_vl_hf.cli import main
-from florence_vl_hf.training.bundle import MODEL_FILES, PAYLOAD_FILES, bundle_tiny, different_tensors, payload_sources
-from florence_vl_hf.training.shapes_recipe import TinyRecipe, train_tiny
+from florence_vl_hf.lab.bundle import MODEL_FILES, PAYLOAD_FILES, bundle_tiny, different_tensors, payload_sources
+from florence_vl_hf.lab.shapes_recipe import TinyRecipe, train_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
