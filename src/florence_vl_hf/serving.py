@@ -8,7 +8,7 @@ serving. Needs the `serve` extra (`pip install "florence-vl-hf[serve]"`: FastAPI
 
 Not `transformers serve`: it loads models through transformers' own class tables (no trust_remote_code model), and
 its serving modules are internal (5.25 replaced them with a multi-process engine). For GPUs at scale use vLLM
-(README, "Serving").
+(docs/serving.md).
 """
 
 import base64

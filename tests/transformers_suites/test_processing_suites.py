@@ -144,7 +144,7 @@ class FlorenceVLLlama31ProcessorTest(_FlorenceVLProcessorTest, unittest.TestCase
     def test_apply_chat_template_image(self, batch_size: int, return_tensors: str):
         """Overridden, deliberately: the mixin's `_test_apply_chat_template` requires `apply_chat_template(tokenize=True)`
         to give the ids of `processor.tokenizer(rendered prompt)`. FlorenceVLProcessor gives the ids the original
-        Florence-VL code fed its LLM, which the checkpoints were trained on (README, "Token ids"): for Llama-3.1 two
+        Florence-VL code fed its LLM, which the checkpoints were trained on (docs/usage.md, "Processor"): for Llama-3.1 two
         BOS tokens. Here the ids must be those of
         `expected_chat_ids` (the processor's own tokenization of the rendered prompt); the mixin's other checks of
         that test are made as well, in this project's words: batch rendering, processor_kwargs padding/truncation,
