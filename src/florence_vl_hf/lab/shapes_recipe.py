@@ -270,9 +270,9 @@ def record_recipe(path: Path, fields: dict) -> list[str]:
 
 
 def _save_weights(module: torch.nn.Module, path: Path) -> None:
-    partial = f"{path}.partial"
-    save_model(module, partial)
-    os.replace(partial, path)
+    temporary = f"{path}.partial"
+    save_model(module, temporary)
+    os.replace(temporary, path)
 
 
 class _ResumableRun:
@@ -406,12 +406,12 @@ def train_tiny(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    report["evaluation"] = _evaluate(model, processor, test_dir, recipe)
+    report["evaluation"] = _evaluate_held_out(model, processor, test_dir, recipe)
     report["num_image_tokens"] = model.config.num_image_tokens
     for folder in staging.glob("checkpoints-*"):
         shutil.rmtree(folder)
     if save:
-        _save_model(model, processor, report, staging, output_dir)
+        _save_bf16_model(model, processor, report, staging, output_dir)
     else:
         shutil.rmtree(staging)
     if run is not None:
@@ -433,7 +433,7 @@ def _initial_model(recipe: TinyRecipe):
     return model, processor
 
 
-def _evaluate(model, processor, test_dir, recipe: TinyRecipe) -> dict:
+def _evaluate_held_out(model, processor, test_dir, recipe: TinyRecipe) -> dict:
     model.eval()
     started = time.perf_counter()
     evaluation = evaluate_shapes(model, processor, test_dir)
@@ -442,7 +442,7 @@ def _evaluate(model, processor, test_dir, recipe: TinyRecipe) -> dict:
     return evaluation
 
 
-def _save_model(model, processor, report: dict, staging: Path, output_dir: Path) -> None:
+def _save_bf16_model(model, processor, report: dict, staging: Path, output_dir: Path) -> None:
     """The bf16 model, its processor and the report, saved in `staging`, which then replaces `output_dir`."""
     save_hub_folder(model.to(torch.bfloat16), processor, staging)
     (staging / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
