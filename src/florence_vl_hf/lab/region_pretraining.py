@@ -77,7 +77,8 @@ def scene_targets(scene: dict, grid: int, pad: bool) -> dict:
 
 
 def _mlp(dim: int, outputs: int) -> torch.nn.Sequential:
-    return torch.nn.Sequential(torch.nn.Linear(dim, HEAD_HIDDEN_SIZE), torch.nn.GELU(), torch.nn.Linear(HEAD_HIDDEN_SIZE, outputs))
+    hidden = HEAD_HIDDEN_SIZE
+    return torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, outputs))
 
 
 class RegionHeads(torch.nn.Module):
