@@ -4,6 +4,7 @@ Most checks re-measure the rendered pixels (shape extents, kinds from fill ratio
 captions and answers from those measurements, rather than trusting the generator's own bookkeeping.
 """
 
+import hashlib
 import json
 import random
 import re
@@ -443,6 +444,48 @@ def test_make_shapes_data(tmp_path):
     prefix = make_shapes_data(tmp_path / "d", 5, seed=5, split_name="val")
     assert prefix.num_images == 5
     assert _tree_bytes(tmp_path / "d")["images/val_000004.png"] == files_a["images/val_000004.png"]
+
+
+# The files of make_shapes_data(dir, 12, seed=3) as the generator wrote them before its steps were split out of one
+# function: the data files by their bytes, the images by their decoded pixels (a PNG's bytes are the encoder's
+# choice, which can change with Pillow or zlib while the image stays the same).
+SEED_3_SPLIT = {
+    "captions.json": "291d3d593dc2c363",
+    "images/train_000000.png": "d51c5ec730a0c2e5 RGB 220x311",
+    "images/train_000001.png": "e8af68a888023155 RGB 312x259",
+    "images/train_000002.png": "d347954b3eb6c4cd RGB 309x219",
+    "images/train_000003.png": "e373dc2b8c60bf75 RGB 306x305",
+    "images/train_000004.png": "7ba5f0aa726cf72e RGB 283x182",
+    "images/train_000005.png": "b9831fce39893eac RGB 169x239",
+    "images/train_000006.png": "d6e337b91ca8c120 RGB 289x229",
+    "images/train_000007.png": "67859352ec4fa224 RGB 310x175",
+    "images/train_000008.png": "2fed66b6706ec507 RGB 216x228",
+    "images/train_000009.png": "b804a28b9aa631f1 RGB 318x248",
+    "images/train_000010.png": "3393f48871b279d1 RGB 216x168",
+    "images/train_000011.png": "a5414cf364128bd6 RGB 173x316",
+    "instructions.json": "2c9c4c6e0542476f",
+    "meta.json": "aa85ddf39c37d6af",
+    "questions.jsonl": "7f7f4586075416fd",
+    "scenes.jsonl": "be9b0af5bf449c65",
+}
+
+
+def _split_fingerprint(root: Path) -> dict[str, str]:
+    fingerprint = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if path.suffix == ".png":
+            with Image.open(path) as image:
+                pixels = hashlib.sha256(np.asarray(image).tobytes()).hexdigest()[:16]
+                fingerprint[str(path.relative_to(root))] = f"{pixels} {image.mode} {image.width}x{image.height}"
+        else:
+            fingerprint[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return fingerprint
+
+
+def test_make_shapes_data_writes_the_pinned_seed_3_split(tmp_path):
+    summary = make_shapes_data(tmp_path / "split", 12, seed=3)
+    assert _split_fingerprint(tmp_path / "split") == SEED_3_SPLIT
+    assert (summary.num_images, summary.output_dir) == (12, tmp_path / "split")
 
 
 def test_make_shapes_data_refuses_non_empty(tmp_path):

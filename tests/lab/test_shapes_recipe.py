@@ -16,6 +16,7 @@ from florence_vl_hf.lab.shapes_recipe import (
     TinyRecipe,
     further_left_questions,
     init_position_tables,
+    record_recipe,
     reinit_davit,
     stage2_data,
     tiny_shapes_config,
@@ -75,6 +76,15 @@ def test_further_left_questions_by_hand(tmp_path):
     repeated = stage2_data(tmp_path, TinyRecipe(stage2_position_repeats=3))
     assert repeated == [position, count, *further, *[position, *further] * 2]
 
+
+
+def test_record_recipe_writes_once_and_names_the_fields_that_differ(tmp_path):
+    path = tmp_path / "recipe.json"
+    assert record_recipe(path, {"a": 1, "b": (1, 2)}) == []
+    assert json.loads(path.read_text()) == {"a": 1, "b": [1, 2]}
+    assert record_recipe(path, {"a": 1, "b": [1, 2]}) == []  # the same recipe, once through JSON
+    assert record_recipe(path, {"a": 2, "c": None}) == ["a", "b", "c"]
+    assert json.loads(path.read_text()) == {"a": 1, "b": [1, 2]}
 
 def test_reinit_davit_redraws_only_davit_conv_and_linear_weights():
     model, _ = build_random_model(tiny_shapes_config(), seed=0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..files import write_text_atomic
 from .shapes import QUESTION_TYPES
-from .shapes_recipe import TinyRecipe, train_tiny
+from .shapes_recipe import TinyRecipe, record_recipe, train_tiny
 
 # name -> (fusion, vision_feature_sources); None keeps all four features (depth + the three task prompts).
 VARIANTS = {
@@ -38,37 +38,46 @@ def run_ablations(output_dir, seeds=(0, 1, 2), variants=None, recipe: TinyRecipe
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         raise ValueError(f"Unknown variants {unknown}; choose from {list(VARIANTS)}")
-    shared = json.loads(json.dumps({k: v for k, v in asdict(recipe).items() if k not in ("seed", *_VARIANT_FIELDS)}))
+    shared = {k: v for k, v in asdict(recipe).items() if k not in ("seed", *_VARIANT_FIELDS)}
     recipe_path = output_dir / "recipe.json"
-    if recipe_path.is_file() and json.loads(recipe_path.read_text()) != shared:
+    if record_recipe(recipe_path, shared):
         raise ValueError(f"{output_dir} holds a sweep of another recipe ({recipe_path}); use another output_dir")
-    write_text_atomic(recipe_path, json.dumps(shared, indent=1) + "\n")
     runs_path = output_dir / "runs.jsonl"
-    done = {}
-    if runs_path.is_file():
-        for line in runs_path.read_text().splitlines():
-            run = json.loads(line)
-            done[(run["variant"], run["seed"])] = run
+    done = _finished_runs(runs_path)
     for seed in seeds:
         for name in names:
             if (name, seed) in done:
                 continue
             log(f"training {name!r} seed {seed}")
-            fusion, sources = VARIANTS[name]
-            variant = replace(recipe, seed=seed, fusion=fusion, vision_feature_sources=sources)
-            with tempfile.TemporaryDirectory(dir=output_dir) as scratch:
-                report = train_tiny(Path(scratch) / "model", output_dir / "data", variant, save=False,
-                                    stage0_cache=output_dir / f"stage0-seed{seed}")  # fmt: skip
-            run = {"variant": name, "seed": seed, "image_tokens": report["num_image_tokens"],
-                   "accuracy": report["evaluation"]["accuracy"],
-                   "per_type": {k: v["accuracy"] for k, v in report["evaluation"]["per_type"].items()},
-                   "seconds": report["stage1"]["seconds"] + report["stage2"]["seconds"]}  # fmt: skip
+            run = _train_variant(output_dir, recipe, name, seed)
             with runs_path.open("a") as handle:
                 handle.write(json.dumps(run) + "\n")
             done[(name, seed)] = run
             _write_tables(output_dir, done, names, seeds, recipe)
     return _write_tables(output_dir, done, names, seeds, recipe)
 
+
+def _finished_runs(runs_path: Path) -> dict:
+    """The runs recorded in `runs_path` (runs.jsonl) by (variant, seed)."""
+    done = {}
+    if runs_path.is_file():
+        for line in runs_path.read_text().splitlines():
+            run = json.loads(line)
+            done[(run["variant"], run["seed"])] = run
+    return done
+
+
+def _train_variant(output_dir: Path, recipe: TinyRecipe, name: str, seed: int) -> dict:
+    """Train and evaluate the variant `name` with `seed`, from the seed's cached stage 0; runs.jsonl's record of it."""
+    fusion, sources = VARIANTS[name]
+    variant = replace(recipe, seed=seed, fusion=fusion, vision_feature_sources=sources)
+    with tempfile.TemporaryDirectory(dir=output_dir) as scratch:
+        report = train_tiny(Path(scratch) / "model", output_dir / "data", variant, save=False,
+                            stage0_cache=output_dir / f"stage0-seed{seed}")  # fmt: skip
+    return {"variant": name, "seed": seed, "image_tokens": report["num_image_tokens"],
+            "accuracy": report["evaluation"]["accuracy"],
+            "per_type": {k: v["accuracy"] for k, v in report["evaluation"]["per_type"].items()},
+            "seconds": report["stage1"]["seconds"] + report["stage2"]["seconds"]}  # fmt: skip
 
 
 def _write_tables(output_dir, done, names, seeds, recipe) -> dict:

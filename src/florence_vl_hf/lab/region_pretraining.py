@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,21 +30,24 @@ from ..training.data import ImageCache, image_pixel_values
 logger = logging.getLogger(__name__)
 
 COLOR_NAMES = tuple(COLORS)
-NUM_QUERIES = 4
-HIDDEN = 256
+POOLING_QUERIES = 4
+HEAD_HIDDEN_SIZE = 256
+
+
+def _square_geometry(width: int, height: int, pad: bool) -> tuple[int, int, int, int]:
+    """(dx, dy, square_width, square_height): where a `width x height` image's pixels land once it is padded to a
+    centred square (`pad`: x + dx of a `side x side` square) or stretched to one (x of a `width x height` square)."""
+    if pad:
+        side = max(width, height)
+        return (side - width) // 2, (side - height) // 2, side, side
+    return 0, 0, width, height
 
 
 def box_tokens(box, width: int, height: int, grid: int, pad: bool) -> list[int]:
     """Indices (row * grid + column) of the spatial tokens whose cells the pixel box (x0, y0, x1, y1), end-exclusive,
     of a `width x height` image covers, once the image is padded (`pad`) or stretched to a square."""
-    x0, y0, x1, y1 = box
-    if pad:
-        side = max(width, height)
-        dx, dy = (side - width) // 2, (side - height) // 2
-        x0, x1, y0, y1 = x0 + dx, x1 + dx, y0 + dy, y1 + dy
-        scale_x = scale_y = side
-    else:
-        scale_x, scale_y = width, height
+    dx, dy, scale_x, scale_y = _square_geometry(width, height, pad)
+    x0, y0, x1, y1 = box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy
     columns = range(int(x0 * grid / scale_x), min(grid - 1, int((x1 - 1) * grid / scale_x)) + 1)
     rows = range(int(y0 * grid / scale_y), min(grid - 1, int((y1 - 1) * grid / scale_y)) + 1)
     return [row * grid + column for row in rows for column in columns]
@@ -52,15 +56,11 @@ def box_tokens(box, width: int, height: int, grid: int, pad: bool) -> list[int]:
 def scene_targets(scene: dict, grid: int, pad: bool) -> dict:
     """The stage-0 targets of one ShapesVQA scene (scenes.jsonl's "scene")."""
     width, height = scene["width"], scene["height"]
+    dx, _, square_width, _ = _square_geometry(width, height, pad)
     shapes = []
     for shape in scene["shapes"]:
         x0, _, x1, _ = shape["box"]
-        centre = (x0 + x1) / 2
-        if pad:
-            side = max(width, height)
-            column = int((centre + (side - width) // 2) * grid / side)
-        else:
-            column = int(centre * grid / width)
+        column = int(((x0 + x1) / 2 + dx) * grid / square_width)
         shapes.append({
             "tokens": box_tokens(shape["box"], width, height, grid, pad),
             "color": COLOR_NAMES.index(shape["color"]),
@@ -77,7 +77,8 @@ def scene_targets(scene: dict, grid: int, pad: bool) -> dict:
 
 
 def _mlp(dim: int, outputs: int) -> torch.nn.Sequential:
-    return torch.nn.Sequential(torch.nn.Linear(dim, HIDDEN), torch.nn.GELU(), torch.nn.Linear(HIDDEN, outputs))
+    hidden = HEAD_HIDDEN_SIZE
+    return torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, outputs))
 
 
 class RegionHeads(torch.nn.Module):
@@ -85,8 +86,8 @@ class RegionHeads(torch.nn.Module):
 
     def __init__(self, dim: int, grid: int):
         super().__init__()
-        self.queries = torch.nn.Parameter(torch.zeros(NUM_QUERIES, dim))  # zero: a plain mean to start with
-        self.pooled = torch.nn.Linear(NUM_QUERIES * dim, 3 + 2)  # count 1-3, word or not
+        self.queries = torch.nn.Parameter(torch.zeros(POOLING_QUERIES, dim))  # zero: a plain mean to start with
+        self.pooled = torch.nn.Linear(POOLING_QUERIES * dim, 3 + 2)  # count 1-3, word or not
         self.word = _mlp(dim, len(WORDS))
         self.shape = _mlp(dim, len(COLOR_NAMES) + len(SHAPES) + grid)  # colour, type, column of the centre
 
@@ -118,17 +119,27 @@ def depth_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return tower.image_projector(tower.backbone(pixel_values).last_hidden_state)[:, 1:]
 
 
-class _Scenes:
+class _RegionSample(NamedTuple):
+    sample_id: str
+    image: str
+    targets: dict
+
+
+class _RegionSamples:
+    """The scenes of a ShapesVQA split with their stage-0 targets; images are loaded on demand, and those that cannot
+    be used are logged once and kept in `skipped` (id -> reason)."""
+
     def __init__(self, folder: Path, processor, grid: int, image_cache: ImageCache | None):
         self.folder = folder
         self.processor = processor
         self.image_cache = image_cache
         pad = processor.image_aspect_ratio == "pad"
-        self.entries = []
+        self.entries: list[_RegionSample] = []
         with open(folder / "scenes.jsonl") as lines:
             for line in lines:
                 entry = json.loads(line)
-                self.entries.append((entry["id"], entry["image"], scene_targets(entry["scene"], grid, pad)))
+                targets = scene_targets(entry["scene"], grid, pad)
+                self.entries.append(_RegionSample(entry["id"], entry["image"], targets))
         self.skipped: dict[str, str] = {}
 
     def pixel_values(self, index: int) -> torch.Tensor | None:
@@ -141,6 +152,26 @@ class _Scenes:
                 self.skipped[sample_id] = str(error)
                 logger.warning("Skipping %s: image %s could not be used: %s", sample_id, path, error)
             return None
+
+
+def _training_batches(samples: _RegionSamples, batch_size: int, generator: torch.Generator, data_dir):
+    """Endless batches (pixel values, targets) of `samples`, in epochs of an order drawn from `generator`; images
+    that cannot be used are left out."""
+    order: list[int] = []
+    position = 0
+    while True:
+        rows, targets = [], []
+        while len(rows) < batch_size:
+            if position == len(order):
+                order, position = torch.randperm(len(samples.entries), generator=generator).tolist(), 0
+            index = order[position]
+            position += 1
+            if (pixel_values := samples.pixel_values(index)) is not None:
+                rows.append(pixel_values)
+                targets.append(samples.entries[index].targets)
+            elif len(samples.skipped) == len(samples.entries):
+                raise RuntimeError(f"None of the images in {data_dir} can be used; see the warnings")
+        yield torch.cat(rows), targets
 
 
 def pretrain_regions(
@@ -163,7 +194,7 @@ def pretrain_regions(
     split) the heads' held-out accuracy per task.
     """
     grid = model.config.image_grid_side
-    scenes = _Scenes(Path(data_dir), processor, grid, image_cache)
+    samples = _RegionSamples(Path(data_dir), processor, grid, image_cache)
     tower = model.model.vision_tower
     heads = RegionHeads(tower.image_projector.image_projection.out_features, grid)
     optimizer = torch.optim.AdamW(
@@ -175,24 +206,12 @@ def pretrain_regions(
     )
     was_training = model.training
     model.train()
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    position = 0
+    batches = _training_batches(samples, batch_size, torch.Generator().manual_seed(seed), data_dir)
     losses, window = [], []
     started = time.perf_counter()
     for step in range(1, steps + 1):
-        rows, targets = [], []
-        while len(rows) < batch_size:
-            if position == len(order):
-                order, position = torch.randperm(len(scenes.entries), generator=generator).tolist(), 0
-            index = order[position]
-            position += 1
-            if (pixel_values := scenes.pixel_values(index)) is not None:
-                rows.append(pixel_values)
-                targets.append(scenes.entries[index][2])
-            elif len(scenes.skipped) == len(scenes.entries):
-                raise RuntimeError(f"None of the images in {data_dir} can be used; see the warnings")
-        outputs = heads(depth_tokens(model, torch.cat(rows)), targets)
+        pixel_values, targets = next(batches)
+        outputs = heads(depth_tokens(model, pixel_values), targets)
         loss = sum(F.cross_entropy(logits, target) for logits, target in outputs.values())
         optimizer.zero_grad()
         loss.backward()
@@ -202,7 +221,7 @@ def pretrain_regions(
             losses.append(sum(window) / len(window))
             logger.info("stage 0 step %d/%d loss %.4f", step, steps, losses[-1])
             window = []
-    report = {"seconds": time.perf_counter() - started, "losses": losses, "skipped": scenes.skipped}
+    report = {"seconds": time.perf_counter() - started, "losses": losses, "skipped": samples.skipped}
     if eval_dir is not None:
         report["held_out_accuracy"] = evaluate_regions(model, processor, heads, eval_dir)
     model.train(was_training)
@@ -212,15 +231,15 @@ def pretrain_regions(
 @torch.no_grad()
 def evaluate_regions(model, processor, heads: RegionHeads, data_dir, batch_size: int = 50) -> dict:
     """Accuracy of the stage-0 heads per task on the scenes of `data_dir`."""
-    scenes = _Scenes(Path(data_dir), processor, model.config.image_grid_side, None)
+    samples = _RegionSamples(Path(data_dir), processor, model.config.image_grid_side, None)
     model.eval()
     right: dict[str, int] = {}
     total: dict[str, int] = {}
-    usable = [i for i in range(len(scenes.entries)) if scenes.pixel_values(i) is not None]
+    usable = [i for i in range(len(samples.entries)) if samples.pixel_values(i) is not None]
     for start in range(0, len(usable), batch_size):
         batch = usable[start:start + batch_size]
-        pixel_values = torch.cat([scenes.pixel_values(i) for i in batch])
-        outputs = heads(depth_tokens(model, pixel_values), [scenes.entries[i][2] for i in batch])
+        pixel_values = torch.cat([samples.pixel_values(i) for i in batch])
+        outputs = heads(depth_tokens(model, pixel_values), [samples.entries[i].targets for i in batch])
         for name, (logits, target) in outputs.items():
             right[name] = right.get(name, 0) + int((logits.argmax(-1) == target).sum())
             total[name] = total.get(name, 0) + len(target)

@@ -303,6 +303,16 @@ def _write_jsonl(path: Path, rows: Iterable[Any]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
+@dataclass(frozen=True)
+class _SplitImage:
+    """One image of a split being written: its id, its path inside the split, its scene and its questions."""
+
+    image_id: str
+    image_path: str
+    scene: Scene
+    questions: list[dict[str, str]]
+
+
 def make_shapes_data(
     output_dir: str | os.PathLike[str],
     num_images: int,
@@ -326,58 +336,18 @@ def make_shapes_data(
     """
     if num_images < 0:
         raise ValueError(f"num_images must be >= 0, got {num_images}")
-    output = Path(output_dir).absolute()
-    if output.exists() and not output.is_dir():
-        raise NotADirectoryError(f"{output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output} is not empty; pass overwrite=True to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-
-    rng = random.Random(seed)
+    output = _prepare_output_dir(output_dir, overwrite)
+    images = _sample_split(random.Random(seed), num_images, split_name)
+    question_rows = [row for image in images for row in _question_rows(image)]
+    counts = Counter(row["type"] for row in question_rows)
+    question_counts = {t: counts[t] for t in QUESTION_TYPES}
     staging = Path(tempfile.mkdtemp(prefix=sibling_prefix(output, "tmp"), dir=output.parent))
     try:
-        (staging / "images").mkdir()
-        captions: list[dict[str, Any]] = []
-        instructions: list[dict[str, Any]] = []
-        question_rows: list[dict[str, str]] = []
-        scene_rows: list[dict[str, Any]] = []
-        for i in range(num_images):
-            image_id = f"{split_name}_{i:06d}"
-            image_path = f"images/{image_id}.png"
-            scene = sample_scene(rng)
-            render(scene).save(staging / image_path, format="PNG")
-            scene_rows.append({"id": image_id, "image": image_path, "scene": scene.to_dict()})
-            captions.append(
-                {
-                    "id": image_id,
-                    "image": image_path,
-                    "conversations": [
-                        {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
-                        {"from": "gpt", "value": caption(scene)},
-                    ],
-                }
-            )
-            for k, q in enumerate(questions(scene, rng)):
-                qid = f"{image_id}_q{k:02d}"
-                instructions.append(
-                    {
-                        "id": qid,
-                        "image": image_path,
-                        "type": q["type"],
-                        "conversations": [
-                            {"from": "human", "value": f"<image>\n{q['question']}"},
-                            {"from": "gpt", "value": q["answer"]},
-                        ],
-                    }
-                )
-                question_rows.append({"id": qid, "image": image_path, **q})
-
-        counts = Counter(q["type"] for q in question_rows)
-        question_counts = {t: counts[t] for t in QUESTION_TYPES}
-        _write_json(staging / "captions.json", captions)
-        _write_json(staging / "instructions.json", instructions)
+        _write_images(staging, images)
+        _write_json(staging / "captions.json", [_caption_entry(image) for image in images])
+        _write_json(staging / "instructions.json", [_instruction_entry(row) for row in question_rows])
         _write_jsonl(staging / "questions.jsonl", question_rows)
-        _write_jsonl(staging / "scenes.jsonl", scene_rows)
+        _write_jsonl(staging / "scenes.jsonl", [_scene_row(image) for image in images])
         _write_json(
             staging / "meta.json",
             {
@@ -389,14 +359,82 @@ def make_shapes_data(
                 "question_counts": question_counts,
             },
         )
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)
-        _replace_dir(staging, output, overwrite)
+        _move_into_place(staging, output, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ShapesDataSummary(output, num_images, len(question_rows), question_counts)
+
+
+def _prepare_output_dir(output_dir: str | os.PathLike[str], overwrite: bool) -> Path:
+    """`output_dir` made absolute, its parent created; refused if it is a file, or a non-empty folder without
+    `overwrite`."""
+    output = Path(output_dir).absolute()
+    if output.exists() and not output.is_dir():
+        raise NotADirectoryError(f"{output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output} is not empty; pass overwrite=True to replace it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def _sample_split(rng: random.Random, num_images: int, split_name: str) -> list[_SplitImage]:
+    """The split's scenes and questions; each image's scene is drawn, then its questions, before the next image."""
+    images = []
+    for i in range(num_images):
+        image_id = f"{split_name}_{i:06d}"
+        scene = sample_scene(rng)
+        images.append(_SplitImage(image_id, f"images/{image_id}.png", scene, questions(scene, rng)))
+    return images
+
+
+def _write_images(folder: Path, images: Iterable[_SplitImage]) -> None:
+    (folder / "images").mkdir()
+    for image in images:
+        render(image.scene).save(folder / image.image_path, format="PNG")
+
+
+def _caption_entry(image: _SplitImage) -> dict[str, Any]:
+    return {
+        "id": image.image_id,
+        "image": image.image_path,
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
+            {"from": "gpt", "value": caption(image.scene)},
+        ],
+    }
+
+
+def _question_rows(image: _SplitImage) -> list[dict[str, str]]:
+    """questions.jsonl's rows of one image: {id, image, type, question, answer}."""
+    return [
+        {"id": f"{image.image_id}_q{k:02d}", "image": image.image_path, **question}
+        for k, question in enumerate(image.questions)
+    ]
+
+
+def _instruction_entry(row: dict[str, str]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "image": row["image"],
+        "type": row["type"],
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{row['question']}"},
+            {"from": "gpt", "value": row["answer"]},
+        ],
+    }
+
+
+def _scene_row(image: _SplitImage) -> dict[str, Any]:
+    return {"id": image.image_id, "image": image.image_path, "scene": image.scene.to_dict()}
+
+
+def _move_into_place(staging: Path, output: Path, overwrite: bool) -> None:
+    # mkdtemp made the staging folder private (0o700); the split gets the permissions a plain mkdir would give it.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    _replace_dir(staging, output, overwrite)
 
 
 def _replace_dir(new: Path, target: Path, overwrite: bool) -> None:

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -183,7 +184,7 @@ def init_position_tables(model, scale: float) -> None:
             embedding.weight.copy_(table.to(embedding.weight.dtype))
 
 
-def make_data(work_dir, recipe: TinyRecipe) -> tuple[Path, Path]:
+def make_train_test_splits(work_dir, recipe: TinyRecipe) -> tuple[Path, Path]:
     """The training split and the held-out split (a different generator seed) under `work_dir`, made once."""
     work_dir = Path(work_dir)
     splits = []
@@ -254,41 +255,63 @@ def _stage(model, processor, data, folder, stage, steps, lr, recipe, checkpoints
     return {"seconds": time.perf_counter() - started, "losses": losses, "skipped": result.skipped, "resumed": resume}
 
 
-class _Run:
+def record_recipe(path: Path, fields: dict) -> list[str]:
+    """Write a recipe's `fields` to `path` (its folder's recipe.json) if there is none yet. Returns the fields in
+    which a recipe found there differs: none when it is the same recipe, so the folder's contents are this recipe's."""
+    wanted = json.loads(json.dumps(fields))
+    if not path.is_file():
+        write_text_atomic(path, json.dumps(wanted, indent=1) + "\n")
+        return []
+    found = json.loads(path.read_text())
+    if found == wanted:
+        return []
+    return sorted(key for key in set(found) | set(wanted)
+                  if key not in found or key not in wanted or found[key] != wanted[key])  # fmt: skip
+
+
+def _save_weights(module: torch.nn.Module, path: Path) -> None:
+    temporary = f"{path}.partial"
+    save_model(module, temporary)
+    os.replace(temporary, path)
+
+
+class _ResumableRun:
     """The checkpoints of an interruptible `train_tiny` in `work_dir/train-tiny-run`: Trainer checkpoints per stage,
     and each finished stage's weights and report, for one recipe."""
 
     def __init__(self, work_dir: Path, recipe: TinyRecipe):
         self.folder = work_dir / "train-tiny-run"
         self.folder.mkdir(parents=True, exist_ok=True)
-        recipe_file = self.folder / "recipe.json"
-        wanted = json.loads(json.dumps(asdict(recipe)))
-        if recipe_file.is_file():
-            found = json.loads(recipe_file.read_text())
-            if found != wanted:
-                changed = sorted(key for key in set(found) | set(wanted) if found.get(key) != wanted.get(key))
-                raise ValueError(f"{self.folder} holds a run of another recipe (differs in {', '.join(changed)}); "
-                                 "use another work_dir or delete that folder")  # fmt: skip
-        else:
-            write_text_atomic(recipe_file, json.dumps(wanted, indent=1))
+        changed = record_recipe(self.folder / "recipe.json", asdict(recipe))
+        if changed:
+            raise ValueError(f"{self.folder} holds a run of another recipe (differs in {', '.join(changed)}); "
+                             "use another work_dir or delete that folder")  # fmt: skip
 
-    def checkpoints(self, stage: str) -> Path:
+    def checkpoint_dir(self, stage: str) -> Path:
         return self.folder / f"checkpoints-{stage}"
 
-    def finished(self, stage: str, model) -> dict | None:
-        """The report of `stage` if it finished in an earlier call (its weights then loaded into `model`)."""
+    def load_finished(self, stage: str, model) -> dict | None:
+        """The report of `stage` if it finished in an earlier call, its weights then loaded into `model`."""
         report = self.folder / f"{stage}.json"
         if not report.is_file():
             return None
         load_model(model, self.folder / f"{stage}.safetensors")
         return json.loads(report.read_text())
 
-    def finish(self, stage: str, model, report: dict) -> None:
-        weights = self.folder / f"{stage}.safetensors"
-        save_model(model, str(weights) + ".partial")
-        os.replace(str(weights) + ".partial", weights)
+    def save_finished(self, stage: str, model, report: dict) -> None:
+        _save_weights(model, self.folder / f"{stage}.safetensors")
         write_text_atomic(self.folder / f"{stage}.json", json.dumps(report))
-        shutil.rmtree(self.checkpoints(stage), ignore_errors=True)
+        shutil.rmtree(self.checkpoint_dir(stage), ignore_errors=True)
+
+
+def _load_or_train(run: _ResumableRun | None, stage: str, model, train_stage) -> dict:
+    """`stage`'s report: from `run` if it finished there before, else from `train_stage()`, then saved in `run`."""
+    if run is not None and (finished := run.load_finished(stage, model)) is not None:
+        return finished
+    report = train_stage()
+    if run is not None:
+        run.save_finished(stage, model, report)
+    return report
 
 
 # The recipe fields stage 0 depends on: a stage-0 tower cached under these can start any fusion or feature variant.
@@ -297,7 +320,7 @@ STAGE0_FIELDS = ("seed", "train_images", "test_images", "data_seed", "test_seed"
                  "vision_position_init_scale")  # fmt: skip
 
 
-def _stage0(model, processor, recipe, train_dir, test_dir, image_cache, cache) -> dict:
+def _run_or_load_stage0(model, processor, recipe, train_dir, test_dir, image_cache, cache) -> dict:
     """Stage 0, or its vision tower and report from `cache` (a folder) when an earlier call left them there."""
     tower = model.model.vision_tower
     fields = {key: getattr(recipe, key) for key in STAGE0_FIELDS}
@@ -311,14 +334,12 @@ def _stage0(model, processor, recipe, train_dir, test_dir, image_cache, cache) -
                               recipe.stage0_vision_lr, recipe.stage0_lr, recipe.seed, image_cache, eval_dir=test_dir)
     if cache is not None:
         Path(cache).mkdir(parents=True, exist_ok=True)
-        weights = Path(cache) / "stage0.safetensors"
-        save_model(tower, str(weights) + ".partial")
-        os.replace(str(weights) + ".partial", weights)
+        _save_weights(tower, Path(cache) / "stage0.safetensors")
         write_text_atomic(Path(cache) / "stage0.json", json.dumps({"recipe": fields, "report": report}))
     return report
 
 
-def _machine() -> str:
+def _hardware_description() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
              if line.startswith("model name")] if cpuinfo.is_file() else []  # fmt: skip
@@ -328,29 +349,21 @@ def _machine() -> str:
 def _train_stages(model, processor, recipe, train_dir, test_dir, staging, run, checkpoint_steps, callbacks,
                   stage0_cache) -> dict:
     report = {"recipe": asdict(recipe), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "hardware": _machine()}
+              "hardware": _hardware_description()}
     image_cache = ImageCache(recipe.train_images)  # 4.7 GB at the default 24 000 images of 128 px
     if recipe.stage0_steps:
-        if run is not None and (finished := run.finished("stage0", model)) is not None:
-            report["stage0"] = finished
-        else:
-            report["stage0"] = _stage0(model, processor, recipe, train_dir, test_dir, image_cache, stage0_cache)
-            if run is not None:
-                run.finish("stage0", model, report["stage0"])
+        report["stage0"] = _load_or_train(run, "stage0", model, partial(
+            _run_or_load_stage0, model, processor, recipe, train_dir, test_dir, image_cache, stage0_cache))
     stages = (
         ("stage1", train_dir / "captions.json", "pretrain", recipe.stage1_steps, recipe.stage1_lr,
          recipe.stage1_vision_lr, recipe.stage1_vision_start_step),
         ("stage2", stage2_data(train_dir, recipe), "finetune", recipe.stage2_steps, recipe.stage2_lr, None, 0),
     )  # fmt: skip
     for name, data, stage, steps, lr, vision_lr, vision_start in stages:
-        if run is not None and (finished := run.finished(name, model)) is not None:
-            report[name] = finished
-            continue
-        checkpoints = run.checkpoints(name) if run is not None else staging / f"checkpoints-{stage}"
-        report[name] = _stage(model, processor, data, train_dir, stage, steps, lr, recipe, checkpoints, image_cache,
-                              vision_lr, vision_start, checkpoint_steps, callbacks)  # fmt: skip
-        if run is not None:
-            run.finish(name, model, report[name])
+        checkpoints = run.checkpoint_dir(name) if run is not None else staging / f"checkpoints-{stage}"
+        report[name] = _load_or_train(run, name, model, partial(
+            _stage, model, processor, data, train_dir, stage, steps, lr, recipe, checkpoints, image_cache, vision_lr,
+            vision_start, checkpoint_steps, callbacks))
     return report
 
 
@@ -382,7 +395,32 @@ def train_tiny(
         raise ValueError(f"checkpoint_steps must be >= 1 and needs a work_dir to resume from, got {checkpoint_steps} "
                          f"and work_dir={work_dir}")  # fmt: skip
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="florence-vl-tiny-"))
-    train_dir, test_dir = make_data(work_dir, recipe)
+    train_dir, test_dir = make_train_test_splits(work_dir, recipe)
+    model, processor = _initial_model(recipe)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=sibling_prefix(output_dir, "staging"), dir=output_dir.parent))
+    run = _ResumableRun(work_dir, recipe) if checkpoint_steps else None
+    try:
+        report = _train_stages(model, processor, recipe, train_dir, test_dir, staging, run, checkpoint_steps,
+                               callbacks, stage0_cache)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    report["evaluation"] = _evaluate_held_out(model, processor, test_dir, recipe)
+    report["num_image_tokens"] = model.config.num_image_tokens
+    for folder in staging.glob("checkpoints-*"):
+        shutil.rmtree(folder)
+    if save:
+        _save_bf16_model(model, processor, report, staging, output_dir)
+    else:
+        shutil.rmtree(staging)
+    if run is not None:
+        shutil.rmtree(run.folder)
+    return report
+
+
+def _initial_model(recipe: TinyRecipe):
+    """The untrained model and its processor, with the recipe's vision-tower inits applied."""
     torch.manual_seed(recipe.seed)
     config = tiny_shapes_config(recipe.fusion, recipe.vision_feature_sources)
     model, processor = build_random_model(config, seed=recipe.seed)
@@ -392,33 +430,22 @@ def train_tiny(
         zero_davit_mixers(model)
     if recipe.vision_position_init_scale is not None:
         init_position_tables(model, recipe.vision_position_init_scale)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=sibling_prefix(output_dir, "staging"), dir=output_dir.parent))
-    run = _Run(work_dir, recipe) if checkpoint_steps else None
-    try:
-        report = _train_stages(model, processor, recipe, train_dir, test_dir, staging, run, checkpoint_steps,
-                               callbacks, stage0_cache)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return model, processor
+
+
+def _evaluate_held_out(model, processor, test_dir, recipe: TinyRecipe) -> dict:
     model.eval()
     started = time.perf_counter()
-    report["evaluation"] = evaluate_shapes(model, processor, test_dir)
-    report["evaluation"]["seconds"] = time.perf_counter() - started
-    report["evaluation"]["data"] = {"images": recipe.test_images, "seed": recipe.test_seed}
-    report["num_image_tokens"] = config.num_image_tokens
-    for folder in staging.glob("checkpoints-*"):
-        shutil.rmtree(folder)
-    if not save:
-        shutil.rmtree(staging)
-        if run is not None:
-            shutil.rmtree(run.folder)
-        return report
+    evaluation = evaluate_shapes(model, processor, test_dir)
+    evaluation["seconds"] = time.perf_counter() - started
+    evaluation["data"] = {"images": recipe.test_images, "seed": recipe.test_seed}
+    return evaluation
+
+
+def _save_bf16_model(model, processor, report: dict, staging: Path, output_dir: Path) -> None:
+    """The bf16 model, its processor and the report, saved in `staging`, which then replaces `output_dir`."""
     save_hub_folder(model.to(torch.bfloat16), processor, staging)
     (staging / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     if output_dir.exists():
         shutil.rmtree(output_dir)
     os.replace(staging, output_dir)
-    if run is not None:
-        shutil.rmtree(run.folder)
-    return report
