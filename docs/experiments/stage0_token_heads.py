@@ -12,7 +12,7 @@ from florence_vl_hf.build import build_random_model
 from florence_vl_hf.lab.shapes import SHAPES, WORDS
 from florence_vl_hf.training.data import ImageCache
 from florence_vl_hf.lab.evaluate import answer
-from florence_vl_hf.training import region_pretraining as rp
+from florence_vl_hf.lab import region_pretraining as rp
 from florence_vl_hf.lab.shapes_recipe import (TinyRecipe, _stage, init_position_tables, reinit_davit,
                                                     tiny_shapes_config, zero_davit_mixers)
 
