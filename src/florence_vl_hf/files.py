@@ -1,7 +1,8 @@
-"""Atomic file writes: a reader sees the old file or the whole new one, never a partial write."""
+"""Atomic writes of files and folders: a reader sees the old one or the whole new one, never a partial write."""
 
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -31,3 +32,21 @@ def write_text_atomic(path, text: str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def replace_dir(new, target) -> None:
+    """Rename the folder `new` to `target`. An existing `target` is first renamed aside, put back if the rename fails,
+    and deleted only once `new` is in place: a reader sees the old folder or the whole new one."""
+    new, target = Path(new), Path(target)
+    if not target.exists():
+        os.replace(new, target)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=sibling_prefix(target, "old"), dir=target.parent))
+    os.replace(target, retired / target.name)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(retired / target.name, target)
+        shutil.rmtree(retired, ignore_errors=True)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from ..cards import check_card_metadata, metadata_block
-from ..files import sibling_prefix
+from ..files import replace_dir, sibling_prefix
 from ..processing import asset_dir
 from .shapes import QUESTION_TYPES
 
@@ -80,13 +80,7 @@ def bundle_tiny(model_dir, target=None, hardware: str | None = None) -> Path:
             stem, suffix = os.path.splitext(name)
             shutil.copyfile(tokenizer_assets / name, staging / f"{stem}-phi-3.5-tokenizer{suffix}")
         (staging / "README.md").write_text(model_card(report, config, hardware))
-        if target.exists():
-            retired = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, retired)
-            os.replace(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, target)
+        replace_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -31,7 +31,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..files import sibling_prefix
+from ..files import replace_dir, sibling_prefix
 
 SPEC_VERSION = "ShapesVQA v1"
 
@@ -434,25 +434,9 @@ def _move_into_place(staging: Path, output: Path, overwrite: bool) -> None:
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)
-    _replace_dir(staging, output, overwrite)
-
-
-def _replace_dir(new: Path, target: Path, overwrite: bool) -> None:
-    """Rename `new` to `target`; an existing `target` is moved aside first and deleted only after the rename."""
-    if not target.exists():
-        new.rename(target)
-        return
-    if any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"{target} is not empty; pass overwrite=True to replace it")
-    old = Path(tempfile.mkdtemp(prefix=sibling_prefix(target, "old"), dir=target.parent))
-    old.rmdir()
-    target.rename(old)
-    try:
-        new.rename(target)
-    except BaseException:
-        old.rename(target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output} is not empty; pass overwrite=True to replace it")
+    replace_dir(staging, output)
 
 
 def score(predictions: Iterable[tuple[str, str, str]]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from ..build import build_random_model, save_hub_folder
-from ..files import sibling_prefix, write_text_atomic
+from ..files import replace_dir, sibling_prefix, write_text_atomic
 from ..modeling import FlorenceVLConfig
 from .shapes import Scene, make_shapes_data, position_pairs
 from ..training.api import train, training_arguments
@@ -446,6 +446,4 @@ def _save_bf16_model(model, processor, report: dict, staging: Path, output_dir: 
     """The bf16 model, its processor and the report, saved in `staging`, which then replaces `output_dir`."""
     save_hub_folder(model.to(torch.bfloat16), processor, staging)
     (staging / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(staging, output_dir)
+    replace_dir(staging, output_dir)
