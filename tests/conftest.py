@@ -85,5 +85,5 @@ def fixtures(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
     return {
         "phi3": make_fixture(root / "florence-vl-phi3", "phi3", seed=1),
-        "llama": make_fixture(root / "florence-vl-llama", "llama", seed=2, weights_format="bin", shards=3),
+        "llama": make_fixture(root / "florence-vl-llama", "llama3", seed=2, weights_format="bin", shards=3),
     }

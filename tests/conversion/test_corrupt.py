@@ -29,7 +29,7 @@ def quiet(*_):
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     root = tmp_path_factory.mktemp("pristine")
-    return make_fixture(root / "src", "phi3", seed=5, shards=2), make_fixture(root / "src-bin", "llama", seed=6,
+    return make_fixture(root / "src", "phi3", seed=5, shards=2), make_fixture(root / "src-bin", "llama3", seed=6,
                                                                                 weights_format="bin", shards=1)
 
 

@@ -24,7 +24,7 @@ print(json.dumps({{"module": type(pipe.model).__module__, "answer": out[0]["gene
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("llm", ["phi3", "llama"])
+@pytest.mark.parametrize("llm", ["phi3", "llama3"])
 def test_fixture_convert_and_pipeline_through_trust_remote_code(llm, tmp_path, capsys):
     source, output = tmp_path / "original", tmp_path / "converted"
     assert main(["make-fixture", str(source), "--llm", llm]) == 0

@@ -2,9 +2,13 @@
 
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
+from transformers import AutoTokenizer
 
+from florence_vl_hf.families import family
+from florence_vl_hf.lab.fixture import make_fixture
 from florence_vl_hf.processing import asset_dir
 
 
@@ -73,9 +77,23 @@ def test_llama_fixture_has_the_fast_tokenizer_with_the_added_pad(fixtures):
 
 
 def test_fixture_is_reproducible_from_its_seed(tmp_path):
-    from florence_vl_hf.lab.fixture import make_fixture
-
     first = make_fixture(tmp_path / "a", "phi3", seed=3, shards=1)
     second = make_fixture(tmp_path / "b", "phi3", seed=3, shards=1)
     for name in ("model.safetensors", "config.json", "vision_tower/config.json"):
         assert (first / name).read_bytes() == (second / name).read_bytes()
+
+
+def test_config_pad_token_id_is_the_pad_the_training_tokenizer_holds(fixtures):
+    """Llama-3.1 has no pad token: training added '<pad>' after its 128256 tokens; Phi-3.5 pads with <|endoftext|>."""
+    for key, name, pad_id in (("phi3", "phi3", 32000), ("llama", "llama3", 128256)):
+        config = json.loads((fixtures[key] / "config.json").read_text())
+        tokenizer = AutoTokenizer.from_pretrained(str(family(name).asset_dir))
+        if tokenizer.pad_token is None:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        assert config["pad_token_id"] == tokenizer.pad_token_id == pad_id
+
+
+def test_an_unknown_family_is_refused_with_the_family_names(tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown LLM family 'llama'; choose one of \('phi3', 'llama3'\)"):
+        make_fixture(tmp_path / "x", "llama")
+    assert not (tmp_path / "x").exists()

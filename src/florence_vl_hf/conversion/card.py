@@ -5,12 +5,11 @@ from importlib import resources
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..cards import check_card_metadata
+from ..families import family
 from .errors import ConversionError
 
 EXAMPLE_IMAGE = "https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/pipeline-cat-chonk.jpeg"
 EXAMPLE_QUESTION = "What is in the image?"
-LLM_NAMES = {"phi3": "Phi-3.5-mini-instruct", "llama3": "Llama-3.1-8B-Instruct"}
-LICENSES = {"phi3": "mit", "llama3": "llama3.1"}
 
 
 def template_text() -> str:
@@ -60,11 +59,13 @@ def provenance_markdown(report: dict) -> str:
 
 
 def render_model_card(report: dict, repo_id: str, template: str = "phi3", base_model: str | None = None) -> str:
-    """README.md text: YAML metadata (license, library, pipeline tag, base model, tags, widget) and usage."""
+    """README.md text: YAML metadata (license, library, pipeline tag, base model, tags, widget) and usage, for a
+    model of the LLM family named `template`."""
+    llm_family = family(template)
     vocabulary = report["vocabulary"]
     suppressed = vocabulary.get("suppressed_token_ids") or []
     card_data = ModelCardData(
-        license=LICENSES.get(template),
+        license=llm_family.licence,
         library_name="transformers",
         pipeline_tag="image-text-to-text",
         base_model=base_model,
@@ -77,7 +78,7 @@ def render_model_card(report: dict, repo_id: str, template: str = "phi3", base_m
         template_str=template_text(),
         model_name=repo_id.split("/")[-1],
         repo_id=repo_id,
-        llm=LLM_NAMES.get(template, template),
+        llm=llm_family.display_name,
         source_description=f"the Florence-VL checkpoint `{report['source']['id']}`",
         example_image=EXAMPLE_IMAGE,
         example_question=EXAMPLE_QUESTION,

@@ -1,6 +1,16 @@
-"""Converting an original Florence-VL checkpoint (LLaVA-fork layout) into a verified, Hub-ready Florence-VL folder."""
+"""Converting an original Florence-VL checkpoint (LLaVA-fork layout) into a verified, Hub-ready Florence-VL folder.
 
-import hashlib
+`convert_checkpoint` runs four steps on a `Source` (source.py):
+
+1. `plan_conversion`: every check and decision about the source, from its configs, tokenizer and tensor headers (no
+   tensor data is read): the tokenizer, the embedding rows, the model to fill (on the meta device), the processor,
+   where each tensor comes from, the stored dtypes, the generation config;
+2. `assemble`: the tensors read, checked and cast into the Florence-VL state dict;
+3. `write_folder`: model, processor and licences saved into a staging folder (`staged_output`);
+4. `verify_conversion` (verify.py): the written folder against an independent forward from the source tensors;
+then the report and the model card are written next to them.
+"""
+
 import json
 import math
 import os
@@ -11,150 +21,130 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from transformers import GenerationConfig
 from transformers.models.florence2.modeling_florence2 import Florence2VisionPositionalEmbeddingCosine1D
 
 from .. import __version__
 from ..build import generation_config_for
+from ..families import padded_rows
 from ..files import NAME_MAX, sibling_prefix, write_text_atomic
 from ..modeling import FlorenceVLConfig, FlorenceVLForConditionalGeneration
-from ..processing import IMAGE_TOKEN, IMAGENET_MEAN, IMAGENET_STD, asset_dir, build_processor
+from ..processing import FlorenceVLProcessor, build_processor, prepare_tokenizer
 from .card import render_model_card
 from .errors import ConversionError
 from .hub import REPORT_NAME, foreign_auto_map_entries
-from .keys import LLAVA_VISION_PREFIX, Mapped, florence2_to_florence_vl, llava_to_florence_vl
+from .keys import Mapped, florence2_to_florence_vl, llava_to_florence_vl
 from .source import (
-    BIN_INDEX,
-    BIN_SINGLE,
-    LLAVA_MODEL_TYPES,
-    SAFETENSORS_INDEX,
-    SAFETENSORS_SINGLE,
+    Source,
     TensorStore,
     check_llava_settings,
-    check_regular,
-    check_source_files,
-    florence2_config,
-    read_json,
-    resolve_source,
+    image_size_from,
+    load_tokenizer,
+    open_source,
     text_config_from_llava,
 )
 
-TEMPLATES = {"llava_phi": "phi3", "llava_llama": "llama3"}
-LLM_ASSETS = {"phi3": "phi-3.5-mini-instruct", "llama3": "llama-3.1-8b-instruct"}
-LICENSE_FILES = {"phi3": ("LICENSE", "NOTICE.md"), "llama3": ("LICENSE", "USE_POLICY.md")}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+EMBED_TOKENS_KEY = "model.language_model.embed_tokens.weight"
+LM_HEAD_KEY = "lm_head.weight"
 TEMPORAL_EMBEDDING_KEY = "model.vision_tower.image_projector.visual_temporal_embed.pos_idx_to_embed"
-EMBEDDING_ROW_MULTIPLE = 64
 
 
-@dataclass
-class Source:
-    """An original checkpoint opened for reading: configs as JSON, tensors lazily."""
+# ---- the four steps ------------------------------------------------------------------------------------------------
 
-    folder: Path
-    source_id: str
-    revision: str | None
-    config: dict
-    florence2: object  # transformers Florence2Config
-    preprocessor: dict
-    main: TensorStore
-    vision: TensorStore | None
-    vision_config_from: str = "vision_tower/"
-    template: str = field(init=False)
+def convert_checkpoint(
+    source,
+    output_dir,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    dtype: str = "bfloat16",
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    verify: bool = True,
+    verify_dtype: str = "float32",
+    verify_device: str | None = None,
+    repo_id: str | None = None,
+    florence2_config_dir=None,
+    log=print,
+) -> dict:
+    """Convert an original Florence-VL checkpoint (folder or Hub repo id) into `output_dir`; returns the report.
 
-    def __post_init__(self):
-        self.template = TEMPLATES[self.config["model_type"]]
-
-
-def _has_weights(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in (SAFETENSORS_INDEX, BIN_INDEX, SAFETENSORS_SINGLE, BIN_SINGLE))
-
-
-def open_source(source, revision: str | None = None, token: str | None = None, florence2_config_dir=None) -> Source:
-    """Open an original checkpoint. Without vision_tower/config.json (train.py writes vision_tower/ only when the
-    vision tower was trained), the Florence-2 config and preprocessor come from `florence2_config_dir`, by default the
-    bundled Florence-2-large files; the tensors' shapes are checked against it."""
-    folder, source_id, revision = resolve_source(source, revision, token)
-    check_source_files(folder)
-    config = read_json(folder / "config.json")
-    if config.get("model_type") not in LLAVA_MODEL_TYPES:
-        raise ConversionError(
-            f"{folder / 'config.json'} has model_type {config.get('model_type')!r}; expected one of "
-            f"{sorted(LLAVA_MODEL_TYPES)} (an original Florence-VL checkpoint)"
-        )
-    vision_dir = folder / "vision_tower"
-    config_dir, config_from = vision_dir, "vision_tower/"
-    if not check_regular(vision_dir / "config.json"):
-        config_dir = Path(florence2_config_dir) if florence2_config_dir else asset_dir("florence-2-large")
-        config_from = str(florence2_config_dir) if florence2_config_dir else "bundled Florence-2-large config"
-    florence2 = florence2_config(read_json(config_dir / "config.json"), str(config_dir / "config.json"))
-    preprocessor_path = config_dir / "preprocessor_config.json"
-    preprocessor = read_json(preprocessor_path) if check_regular(preprocessor_path) else {}
-    vision = TensorStore(vision_dir, "vision_tower") if _has_weights(vision_dir) else None
-    return Source(folder, source_id, revision, config, florence2, preprocessor, TensorStore(folder, "main"), vision,
-                  config_from)  # fmt: skip
-
-
-def image_size_from(preprocessor: dict) -> int:
-    """Florence-2's square input size; refuses preprocessing the converted processor would not reproduce."""
-    size = preprocessor.get("size", {"height": 768, "width": 768})
-    if isinstance(size, dict) and not {"height", "width"} <= set(size):
-        raise ConversionError(f"Florence-2 preprocessor size {size}: expected a fixed height and width")
-    height, width = (size["height"], size["width"]) if isinstance(size, dict) else (size, size)
-    checks = {
-        "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD), "resample": 3, "do_normalize": True,
-        "do_rescale": True, "do_center_crop": False,
-    }  # fmt: skip
-    for key, expected in checks.items():
-        value = preprocessor.get(key, expected)
-        if (list(value) if isinstance(value, (list, tuple)) else value) != expected:
-            raise ConversionError(f"vision_tower/preprocessor_config.json has {key}={value!r}; Florence-2 uses {expected!r}")
-    if height != width:
-        raise ConversionError(f"vision_tower/preprocessor_config.json resizes to {height}x{width}; expected a square")
-    if not isinstance(height, int) or isinstance(height, bool) or height <= 0:
-        raise ConversionError(f"vision_tower/preprocessor_config.json has size {size!r}; expected a positive integer")
-    return height
-
-
-def load_tokenizer(source: Source):
-    """The LLM tokenizer of the source as a fast tokenizer, and the vocabulary size the original model used.
-
-    Phi-3.5 sources hold only the sentencepiece files; if they are byte-identical to Phi-3.5-mini-instruct's, the
-    bundled fast tokenizer.json of that model is used (the processor reproduces the slow tokenizer's ids).
+    The folder holds config.json (model_type florence_vl, dtype), safetensors shards with an index, the processor
+    and tokenizer (with `<image>`), generation_config.json, the trust_remote_code files, README.md and
+    conversion_report.json. Unless `verify=False`, the written folder is loaded back with the Auto classes and
+    compared with an independent forward from the source tensors; a failure raises VerificationError and nothing is
+    left at `output_dir`.
     """
-    folder = source.folder
-    if (folder / "tokenizer.json").is_file():
-        # config= keeps AutoTokenizer away from config.json, whose llava_* model_type transformers does not know.
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), config=text_config_from_llava(source.config))
-        # A source's tokenizer auto_map names code the converter never runs: it is not carried into the output.
-        tokenizer.init_kwargs.pop("auto_map", None)
-        tokenizer._auto_map = None
-        return tokenizer, len(tokenizer)
-    if not (folder / "tokenizer.model").is_file():
-        raise ConversionError(f"No tokenizer in {folder}: expected tokenizer.json or tokenizer.model")
-    bundled = asset_dir(LLM_ASSETS[source.template])
-    if not (bundled / "tokenizer.model").is_file():
-        raise ConversionError(f"{folder} has only tokenizer.model; a {source.template} source needs tokenizer.json")
-    for name in ("tokenizer.model", "added_tokens.json"):
-        ours, theirs = folder / name, bundled / name
-        if theirs.is_file() and (not ours.is_file() or _sha256(ours) != _sha256(theirs)):
-            if name == "added_tokens.json" and ours.is_file() and read_json(ours) == read_json(theirs):
-                continue
-            raise ConversionError(
-                f"{ours} differs from {LLM_ASSETS[source.template]}'s {name}: this source's sentencepiece tokenizer is "
-                "not the one the converter knows; save it as a fast tokenizer (tokenizer.json) next to it"
-            )
-    tokenizer = AutoTokenizer.from_pretrained(str(bundled))
-    source_settings = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
-    if "model_max_length" in source_settings:
-        tokenizer.model_max_length = source_settings["model_max_length"]
-        tokenizer.init_kwargs["model_max_length"] = source_settings["model_max_length"]
-    return tokenizer, len(tokenizer)
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, overwrite)  # before a Hub source is downloaded
+    source_ckpt = open_source(source, revision, token, florence2_config_dir)
+    target = output_dir.resolve()
+    if target == source_ckpt.folder or target in source_ckpt.folder.parents:
+        raise ConversionError(f"OUTPUT_DIR {output_dir} is the source folder or contains it; choose another folder")
+    log(f"source {source_ckpt.source_id} ({source_ckpt.config['model_type']}, {source_ckpt.family.name} template) in "
+        f"{source_ckpt.folder}")  # fmt: skip
+
+    # Staged first: a read-only, full or misnamed OUTPUT_DIR fails before minutes of reading tensors.
+    with staged_output(output_dir, overwrite, log) as staging:
+        plan = plan_conversion(source_ckpt, DTYPES[dtype], log)
+        state, tensor_summary = assemble(plan, log)
+        log(f"mapped {tensor_summary['mapped']} tensors; dropped " + ", ".join(
+            f"{why} ({d['tensors']} tensors, {d['parameters']:,} parameters)" for why, d in tensor_summary["dropped"].items()))  # fmt: skip
+        write_folder(plan, state, staging, max_shard_size)
+        del state
+        log(f"wrote {sum(1 for _ in staging.iterdir())} files to a staging folder")
+
+        report = conversion_report(plan, tensor_summary, dtype, max_shard_size)
+        if verify:
+            from .verify import verify_conversion
+
+            report["verification"] = verify_conversion(
+                source_ckpt, staging, plan.original_vocab_size, compute_dtype=DTYPES[verify_dtype],
+                stored_dtype=DTYPES[dtype], device=verify_device, lossless=tensor_summary["changed_by_dtype_cast"] == 0,
+                log=log,
+            )  # fmt: skip
+        else:
+            report["verification"] = {"passed": False, "skipped": True}
+        card = render_model_card(
+            report,
+            repo_id or output_dir.resolve().name,
+            source_ckpt.family.name,
+            base_model=source_ckpt.source_id if source_ckpt.revision else None,
+        )
+        write_text_atomic(staging / "README.md", card)
+        write_text_atomic(staging / REPORT_NAME, json.dumps(report, indent=2) + "\n")
+    log(f"saved {output_dir}")
+    return report
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+# ---- decisions shared with from_pretrained_parts --------------------------------------------------------------------
 
+def embedding_rows(tokenizer, rows: int) -> int:
+    """Rows the LLM embedding matrix (now `rows` rows) needs for `tokenizer` once the processor prepared it
+    (`prepare_tokenizer`, applied here in place, adds '<pad>' where it has no pad token, and '<image>'): `rows` when
+    the tokens fit, else the tokens padded to a multiple of EMBEDDING_ROW_MULTIPLE, as the original resized."""
+    tokens = len(prepare_tokenizer(tokenizer))
+    return rows if tokens <= rows else padded_rows(tokens)
+
+
+def temporal_embedding(vision_config) -> torch.Tensor:
+    """Florence-2's cosine temporal table (a buffer the original's vision_tower/ .bin does not store): the one
+    transformers' Florence-2 builds for `vision_config`."""
+    return Florence2VisionPositionalEmbeddingCosine1D(vision_config).pos_idx_to_embed
+
+
+def map_key(mapper, store: TensorStore, key: str) -> Mapped:
+    """`mapper(key)`, an unknown key being a ConversionError naming the file that holds it."""
+    try:
+        return mapper(key)
+    except KeyError as error:
+        raise ConversionError(f"Unknown tensor {key!r} in {store.location(key)}: {error.args[0]}") from None
+
+
+# ---- 1. plan ------------------------------------------------------------------------------------------------------
 
 def build_model(source: Source, vocab_rows: int) -> FlorenceVLForConditionalGeneration:
     """The Florence-VL model the source describes, on the meta device (no memory): its config, state dict keys,
@@ -202,54 +192,6 @@ class TensorPlan:
             self.sources[mapped.target] = (store, key, mapped.transpose)
 
 
-def plan_tensors(source: Source) -> TensorPlan:
-    """Map every source tensor to one Florence-VL key or drop it on purpose; unknown keys are errors.
-
-    Rule for the vision weights: the main weights' copy (model.vision_tower.vision_tower.*) is the one the original
-    loader uses; a vision_tower/ copy of the same tensor must be equal to it (checked in `assemble`).
-    """
-    plan = TensorPlan()
-    for store, mapper in ((source.main, llava_to_florence_vl), (source.vision, florence2_to_florence_vl)):
-        if store is None:
-            continue
-        for key in store.keys():
-            try:
-                mapped = mapper(key)
-            except KeyError as error:
-                raise ConversionError(f"Unknown tensor {key!r} in {store.location(key)}: {error.args[0]}") from None
-            plan.add(store, key, mapped)
-    return plan
-
-
-def _temporal_embedding(rows: int, width: int) -> torch.Tensor:
-    """Florence-2's cosine temporal table (a buffer the vision_tower/ .bin does not store), as transformers builds it."""
-    sine, cosine = Florence2VisionPositionalEmbeddingCosine1D.get_sinusoid_embeddings(rows, width)
-    table = torch.empty(rows, width)
-    table[:, 0::2], table[:, 1::2] = sine, cosine
-    return table
-
-
-def _load(store: TensorStore, key: str, transpose: bool) -> torch.Tensor:
-    tensor = store.get(key)
-    return tensor.t() if transpose else tensor
-
-
-def _check_same(kept: torch.Tensor, kept_store, kept_key, other: torch.Tensor, store, key, target):
-    """Two source tensors for one target (a vision_tower/ copy, a tied alias) must be equal in the kept one's dtype."""
-    if other.shape == kept.shape and torch.equal(other.to(kept.dtype), kept):
-        return
-    difference = (
-        f"max abs difference {(other.float() - kept.float()).abs().max().item():.3g}"
-        if other.shape == kept.shape
-        else f"shapes {tuple(other.shape)} vs {tuple(kept.shape)}"
-    )
-    raise ConversionError(
-        f"{store.location(key)}:{key} and {kept_store.location(kept_key)}:{kept_key} both give {target} but differ "
-        f"({difference}). The original loader uses the main weights' copy; a differing copy means the checkpoint is "
-        "inconsistent"
-    )
-
-
 def check_stored_dtypes(source: Source, plan: TensorPlan, expected_dtypes: dict[str, torch.dtype], log=print):
     """Every tensor's stored dtype (from its header, no data read) against what the model expects and what its
     folder declares: a floating-point weight stored as integers, or one tensor whose header declares another float
@@ -280,6 +222,111 @@ def check_stored_dtypes(source: Source, plan: TensorPlan, expected_dtypes: dict[
             )
 
 
+def plan_tensors(source: Source) -> TensorPlan:
+    """Map every source tensor to one Florence-VL key or drop it on purpose; unknown keys are errors.
+
+    Rule for the vision weights: the main weights' copy (model.vision_tower.vision_tower.*) is the one the original
+    loader uses; a vision_tower/ copy of the same tensor must be equal to it (checked in `assemble`).
+    """
+    plan = TensorPlan()
+    for store, mapper in ((source.main, llava_to_florence_vl), (source.vision, florence2_to_florence_vl)):
+        if store is None:
+            continue
+        for key in store.keys():
+            plan.add(store, key, map_key(mapper, store, key))
+    return plan
+
+
+def check_tensor_plan(source: Source, tensors: TensorPlan, skeleton: FlorenceVLForConditionalGeneration,
+                      log=print) -> list[str]:
+    """Check the planned tensors against the (meta) model's keys and dtypes; returns the keys to derive instead."""
+    model_state = skeleton.state_dict()
+    derived = []
+    missing = [k for k in model_state if k not in tensors.sources]
+    if TEMPORAL_EMBEDDING_KEY in missing:
+        missing.remove(TEMPORAL_EMBEDDING_KEY)
+        derived.append(TEMPORAL_EMBEDDING_KEY)
+    if LM_HEAD_KEY in missing and skeleton.config.tie_word_embeddings:
+        missing.remove(LM_HEAD_KEY)
+    if missing:
+        raise ConversionError(f"The source lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}")
+    extra = [f"{store.location(key)}:{key} -> {target}" for target, (store, key, _) in tensors.sources.items()
+             if target not in model_state]  # fmt: skip
+    if extra:
+        raise ConversionError(f"{len(extra)} source tensors have no place in the Florence-VL model, e.g. {extra[:5]}")
+    check_stored_dtypes(source, tensors, {k: v.dtype for k, v in model_state.items()}, log)
+    return derived
+
+
+@dataclass
+class ConversionPlan:
+    """Everything decided about one source before its tensors are read."""
+
+    source: Source
+    dtype: torch.dtype  # of the written weights
+    tokenizer: object  # the source's LLM tokenizer, prepared for the processor ('<pad>', '<image>')
+    original_vocab_size: int  # tokens of the source tokenizer: the original loader resized the LLM to these
+    source_rows: int  # rows of the source's embedding matrix
+    embedding_rows: int  # rows of the converted one
+    skeleton: FlorenceVLForConditionalGeneration  # on the meta device: the keys, shapes and dtypes to fill
+    processor: FlorenceVLProcessor
+    tensors: TensorPlan
+    derived: list[str]  # model keys computed, not read from the source
+    generation_config: GenerationConfig
+
+    @property
+    def suppressed_token_ids(self) -> list[int]:
+        """Ids the converted model has rows for but the original could not produce, `<image>` among them."""
+        return list(range(self.original_vocab_size, self.embedding_rows))
+
+
+def plan_conversion(source: Source, dtype: torch.dtype, log=print) -> ConversionPlan:
+    """Take every decision about `source` (see ConversionPlan) and run every check that needs no tensor data."""
+    tokenizer, original_vocab_size = load_tokenizer(source)
+    tensors = plan_tensors(source)
+    if EMBED_TOKENS_KEY not in tensors.sources:
+        raise ConversionError("The source has no LLM input embedding (model.embed_tokens.weight)")
+    store, key, _ = tensors.sources[EMBED_TOKENS_KEY]
+    source_rows = store.shape(key)[0]
+    rows = embedding_rows(tokenizer, source_rows)
+    skeleton = build_model(source, rows)
+    processor = build_processor(skeleton.config, tokenizer=tokenizer, template=source.family.name)
+    processor.image_aspect_ratio = source.config.get("image_aspect_ratio", "pad")
+    derived = check_tensor_plan(source, tensors, skeleton, log)
+
+    generation_config = generation_config_for(source.family.name)
+    if generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+    plan = ConversionPlan(source, dtype, tokenizer, original_vocab_size, source_rows, rows, skeleton, processor, tensors,
+                          derived, generation_config)  # fmt: skip
+    if plan.suppressed_token_ids:
+        generation_config.suppress_tokens = plan.suppressed_token_ids
+    return plan
+
+
+# ---- 2. assemble --------------------------------------------------------------------------------------------------
+
+def _load(store: TensorStore, key: str, transpose: bool) -> torch.Tensor:
+    tensor = store.get(key)
+    return tensor.t() if transpose else tensor
+
+
+def _check_same(kept: torch.Tensor, kept_store, kept_key, other: torch.Tensor, store, key, target):
+    """Two source tensors for one target (a vision_tower/ copy, a tied alias) must be equal in the kept one's dtype."""
+    if other.shape == kept.shape and torch.equal(other.to(kept.dtype), kept):
+        return
+    difference = (
+        f"max abs difference {(other.float() - kept.float()).abs().max().item():.3g}"
+        if other.shape == kept.shape
+        else f"shapes {tuple(other.shape)} vs {tuple(kept.shape)}"
+    )
+    raise ConversionError(
+        f"{store.location(key)}:{key} and {kept_store.location(kept_key)}:{kept_key} both give {target} but differ "
+        f"({difference}). The original loader uses the main weights' copy; a differing copy means the checkpoint is "
+        "inconsistent"
+    )
+
+
 def _check_finite(tensor: torch.Tensor, where: str):
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
         bad = (~torch.isfinite(tensor)).sum().item()
@@ -290,42 +337,23 @@ def _check_finite(tensor: torch.Tensor, where: str):
         )
 
 
-def assemble(source: Source, plan: TensorPlan, skeleton: FlorenceVLForConditionalGeneration, dtype: torch.dtype,
-             log=print):
-    """The Florence-VL state dict in `dtype`, checked against the (meta) model's own keys, shapes and dtypes, every
-    tensor finite, and a summary."""
-    config = skeleton.config
-    model_state = skeleton.state_dict()
-    expected = {k: v.shape for k, v in model_state.items()}
-    derived, resized = [], {}
-    missing = [k for k in expected if k not in plan.sources]
-    if TEMPORAL_EMBEDDING_KEY in missing:
-        missing.remove(TEMPORAL_EMBEDDING_KEY)
-        derived.append(TEMPORAL_EMBEDDING_KEY)
-    if "lm_head.weight" in missing and config.tie_word_embeddings:
-        missing.remove("lm_head.weight")
-    if missing:
-        raise ConversionError(f"The source lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}")
-    extra = [f"{store.location(key)}:{key} -> {target}" for target, (store, key, _) in plan.sources.items()
-             if target not in expected]  # fmt: skip
-    if extra:
-        raise ConversionError(f"{len(extra)} source tensors have no place in the Florence-VL model, e.g. {extra[:5]}")
-    check_stored_dtypes(source, plan, {k: v.dtype for k, v in model_state.items()}, log)
-
+def assemble(plan: ConversionPlan, log=print) -> tuple[dict, dict]:
+    """The Florence-VL state dict in the plan's dtype, each tensor checked against the (meta) model's shape, finite,
+    equal to its duplicates; and a summary for the report."""
+    expected = {k: v.shape for k, v in plan.skeleton.state_dict().items()}
+    tensors, dtype = plan.tensors, plan.dtype
     duplicates: dict[str, list[tuple[TensorStore, str, bool]]] = {}
-    for target, store, key, transpose in plan.duplicates:
+    for target, store, key, transpose in tensors.duplicates:
         duplicates.setdefault(target, []).append((store, key, transpose))
-    state, changed_by_cast = {}, 0
-    for target, (store, key, transpose) in plan.sources.items():
+    state, resized, changed_by_cast = {}, {}, 0
+    for target, (store, key, transpose) in tensors.sources.items():
         tensor = _load(store, key, transpose)
         _check_finite(tensor, f"{store.location(key)}:{key}")
         for other_store, other_key, other_transpose in duplicates.get(target, []):
             _check_same(tensor, store, key, _load(other_store, other_key, other_transpose), other_store, other_key, target)
         want = expected[target]
         if tensor.shape != want:
-            if target in ("model.language_model.embed_tokens.weight", "lm_head.weight") and (
-                tensor.shape[1:] == want[1:] and tensor.shape[0] < want[0]
-            ):
+            if target in (EMBED_TOKENS_KEY, LM_HEAD_KEY) and tensor.shape[1:] == want[1:] and tensor.shape[0] < want[0]:
                 resized[target] = [tensor.shape[0], want[0]]
                 tensor = torch.cat([tensor, tensor.new_zeros(want[0] - tensor.shape[0], *want[1:])])
             else:
@@ -340,20 +368,72 @@ def assemble(source: Source, plan: TensorPlan, skeleton: FlorenceVLForConditiona
                 _check_finite(converted, f"{store.location(key)}:{key} cast to {dtype}")
             tensor = converted
         state[target] = tensor.contiguous()
-    if TEMPORAL_EMBEDDING_KEY in derived:
-        rows, width = expected[TEMPORAL_EMBEDDING_KEY]
-        state[TEMPORAL_EMBEDDING_KEY] = _temporal_embedding(rows, width).to(dtype)
+    if TEMPORAL_EMBEDDING_KEY in plan.derived:
+        state[TEMPORAL_EMBEDDING_KEY] = temporal_embedding(plan.skeleton.config.vision_config).to(dtype)
     summary = {
-        "source": plan.source_tensors,
-        "mapped": len(plan.sources),
-        "checked_duplicates": len(plan.duplicates),
-        "derived": derived,
+        "source": tensors.source_tensors,
+        "mapped": len(tensors.sources),
+        "checked_duplicates": len(tensors.duplicates),
+        "derived": plan.derived,
         "resized": resized,
         "changed_by_dtype_cast": changed_by_cast,
-        "dropped": {why: {"tensors": d["tensors"], "parameters": d["parameters"]} for why, d in plan.dropped.items()},
-        "dropped_keys": {why: d["keys"] for why, d in plan.dropped.items()},
+        "dropped": {why: {"tensors": d["tensors"], "parameters": d["parameters"]} for why, d in tensors.dropped.items()},
+        "dropped_keys": {why: d["keys"] for why, d in tensors.dropped.items()},
     }
     return state, summary
+
+
+# ---- 3. write -----------------------------------------------------------------------------------------------------
+
+def write_folder(plan: ConversionPlan, state: dict, folder: Path, max_shard_size: str | int):
+    """Save the model (config, generation config, sharded safetensors), the processor and the LLM's licence files."""
+    model = plan.skeleton.to(plan.dtype)
+    model.generation_config = plan.generation_config
+    model.save_pretrained(folder, state_dict=state, max_shard_size=max_shard_size)
+    plan.processor.save_pretrained(folder)
+    for name in plan.source.family.licence_files:
+        shutil.copyfile(plan.source.family.asset_dir / name, folder / name)
+    foreign = foreign_auto_map_entries(folder)
+    if foreign:  # load_tokenizer drops the source's; this guards every other way one could get in
+        raise ConversionError(f"The output would carry auto_map entries the converter did not write: {foreign[:3]}")
+
+
+def conversion_report(plan: ConversionPlan, tensor_summary: dict, dtype: str, max_shard_size: str | int) -> dict:
+    source, suppressed = plan.source, plan.suppressed_token_ids
+    return {
+        "converter": {"name": "florence_vl_hf", "version": __version__},
+        "source": {
+            "id": source.source_id,
+            "revision": source.revision,
+            "model_type": source.config["model_type"],
+            "template": source.family.name,
+            "florence2_config": source.vision_config_from,
+            "weight_files": {store.label: sorted(store.files) for store in (source.main, source.vision) if store},
+        },
+        "output": {"dtype": dtype, "max_shard_size": str(max_shard_size)},
+        "tensors": {k: v for k, v in tensor_summary.items() if k != "dropped_keys"},
+        "dropped_keys": tensor_summary["dropped_keys"],
+        "vocabulary": {
+            "source_embedding_rows": plan.source_rows,
+            "original_vocab_size": plan.original_vocab_size,
+            "embedding_rows": plan.embedding_rows,
+            "image_token_id": plan.processor.image_token_id,
+            "suppressed_token_ids": [suppressed[0], suppressed[-1]] if suppressed else [],
+        },
+        "image_tokens_per_image": plan.skeleton.config.num_image_tokens,
+    }
+
+
+# ---- OUTPUT_DIR, staged -------------------------------------------------------------------------------------------
+
+def check_output_dir(output_dir: Path, overwrite: bool):
+    """Refuse an OUTPUT_DIR that is a file, a non-empty folder (unless `overwrite`) or a name too long to create."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConversionError(f"{output_dir} exists and is not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ConversionError(f"{output_dir} is not empty (use --overwrite to replace it)")
+    if len(os.fsencode(output_dir.name)) > NAME_MAX:
+        raise ConversionError(f"OUTPUT_DIR's name is {len(os.fsencode(output_dir.name))} bytes; file systems allow {NAME_MAX}")
 
 
 def _sibling_name(output_dir: Path, kind: str) -> str:
@@ -414,12 +494,7 @@ def staged_output(output_dir: Path, overwrite: bool, log=print):
     leaves neither the staging folder nor parent folders this run created; an OSError (read-only file system, full
     disk, no permission) becomes a ConversionError naming OUTPUT_DIR and the cause."""
     output_dir = Path(output_dir).resolve()
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConversionError(f"{output_dir} exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ConversionError(f"{output_dir} is not empty (use --overwrite to replace it)")
-    if len(os.fsencode(output_dir.name)) > NAME_MAX:
-        raise ConversionError(f"OUTPUT_DIR's name is {len(os.fsencode(output_dir.name))} bytes; file systems allow {NAME_MAX}")
+    check_output_dir(output_dir, overwrite)
     created, staging = [], None
     try:
         created = _create_parents(output_dir.parent)
@@ -459,119 +534,3 @@ def _default_permissions(folder: Path):
     os.umask(umask)
     for path in [folder, *folder.rglob("*")]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def convert_checkpoint(
-    source,
-    output_dir,
-    *,
-    revision: str | None = None,
-    token: str | None = None,
-    dtype: str = "bfloat16",
-    max_shard_size: str | int = "5GB",
-    overwrite: bool = False,
-    verify: bool = True,
-    verify_dtype: str = "float32",
-    verify_device: str | None = None,
-    repo_id: str | None = None,
-    florence2_config_dir=None,
-    log=print,
-) -> dict:
-    """Convert an original Florence-VL checkpoint (folder or Hub repo id) into `output_dir`; returns the report.
-
-    The folder holds config.json (model_type florence_vl, dtype), safetensors shards with an index, the processor
-    and tokenizer (with `<image>`), generation_config.json, the trust_remote_code files, README.md and
-    conversion_report.json. Unless `verify=False`, the written folder is loaded back with the Auto classes and
-    compared with an independent forward from the source tensors; a failure raises VerificationError and nothing is
-    left at `output_dir`.
-    """
-    if dtype not in DTYPES:
-        raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    output_dir = Path(output_dir)
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ConversionError(f"{output_dir} is not empty (use --overwrite to replace it)")
-    source_ckpt = open_source(source, revision, token, florence2_config_dir)
-    target = output_dir.resolve()
-    if target == source_ckpt.folder or target in source_ckpt.folder.parents:
-        raise ConversionError(f"OUTPUT_DIR {output_dir} is the source folder or contains it; choose another folder")
-    template = source_ckpt.template
-    log(f"source {source_ckpt.source_id} ({source_ckpt.config['model_type']}, {template} template) in {source_ckpt.folder}")
-
-    # Staged first: a read-only, full or misnamed OUTPUT_DIR fails before minutes of reading tensors.
-    with staged_output(output_dir, overwrite, log) as staging:
-        tokenizer, original_vocab = load_tokenizer(source_ckpt)
-        plan = plan_tensors(source_ckpt)
-        embed_key = "model.language_model.embed_tokens.weight"
-        if embed_key not in plan.sources:
-            raise ConversionError("The source has no LLM input embedding (model.embed_tokens.weight)")
-        store, key, _ = plan.sources[embed_key]
-        source_rows = store.shape(key)[0]
-        needed = len(tokenizer) + (0 if IMAGE_TOKEN in tokenizer.get_vocab() else 1)
-        rows = source_rows if needed <= source_rows else -(-needed // EMBEDDING_ROW_MULTIPLE) * EMBEDDING_ROW_MULTIPLE
-        skeleton = build_model(source_ckpt, rows)
-        config = skeleton.config
-        processor = build_processor(config, tokenizer=tokenizer, template=template)
-        processor.image_aspect_ratio = source_ckpt.config.get("image_aspect_ratio", "pad")
-        state, tensor_summary = assemble(source_ckpt, plan, skeleton, DTYPES[dtype], log)
-        log(f"mapped {tensor_summary['mapped']} tensors; dropped " + ", ".join(
-            f"{why} ({d['tensors']} tensors, {d['parameters']:,} parameters)" for why, d in tensor_summary["dropped"].items()))  # fmt: skip
-
-        generation_config = generation_config_for(template)
-        if generation_config.pad_token_id is None:
-            generation_config.pad_token_id = tokenizer.pad_token_id
-        suppressed = list(range(original_vocab, rows))
-        if suppressed:
-            generation_config.suppress_tokens = suppressed
-        report = {
-            "converter": {"name": "florence_vl_hf", "version": __version__},
-            "source": {
-                "id": source_ckpt.source_id,
-                "revision": source_ckpt.revision,
-                "model_type": source_ckpt.config["model_type"],
-                "template": template,
-                "florence2_config": source_ckpt.vision_config_from,
-                "weight_files": {store.label: sorted(store.files) for store in (source_ckpt.main, source_ckpt.vision) if store},
-            },
-            "output": {"dtype": dtype, "max_shard_size": str(max_shard_size)},
-            "tensors": {k: v for k, v in tensor_summary.items() if k != "dropped_keys"},
-            "dropped_keys": tensor_summary["dropped_keys"],
-            "vocabulary": {
-                "source_embedding_rows": source_rows,
-                "original_vocab_size": original_vocab,
-                "embedding_rows": rows,
-                "image_token_id": processor.image_token_id,
-                "suppressed_token_ids": [suppressed[0], suppressed[-1]] if suppressed else [],
-            },
-            "image_tokens_per_image": config.num_image_tokens,
-        }
-
-        skeleton.to(DTYPES[dtype])
-        skeleton.generation_config = generation_config
-        skeleton.save_pretrained(staging, state_dict=state, max_shard_size=max_shard_size)
-        del state
-        processor.save_pretrained(staging)
-        for name in LICENSE_FILES[template]:
-            shutil.copyfile(asset_dir(LLM_ASSETS[template]) / name, staging / name)
-        foreign = foreign_auto_map_entries(staging)
-        if foreign:  # load_tokenizer drops the source's; this guards every other way one could get in
-            raise ConversionError(f"The output would carry auto_map entries the converter did not write: {foreign[:3]}")
-        log(f"wrote {sum(1 for _ in staging.iterdir())} files to a staging folder")
-        if verify:
-            from .verify import verify_conversion
-
-            report["verification"] = verify_conversion(
-                source_ckpt, staging, original_vocab, compute_dtype=DTYPES[verify_dtype], stored_dtype=DTYPES[dtype],
-                device=verify_device, lossless=tensor_summary["changed_by_dtype_cast"] == 0, log=log,
-            )  # fmt: skip
-        else:
-            report["verification"] = {"passed": False, "skipped": True}
-        card = render_model_card(
-            report,
-            repo_id or output_dir.resolve().name,
-            template,
-            base_model=source_ckpt.source_id if source_ckpt.revision else None,
-        )
-        write_text_atomic(staging / "README.md", card)
-        write_text_atomic(staging / REPORT_NAME, json.dumps(report, indent=2) + "\n")
-    log(f"saved {output_dir}")
-    return report

@@ -6,26 +6,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..modeling import FlorenceVLConfig, FlorenceVLForConditionalGeneration
 from ..modeling.modeling_florence_vl import FlorenceVLMultiModalProjector
-from ..processing import IMAGE_TOKEN, build_processor, template_for_text_config
-from .convert import EMBEDDING_ROW_MULTIPLE, TEMPORAL_EMBEDDING_KEY, _temporal_embedding, image_size_from
+from ..processing import build_processor, template_for_text_config
+from .convert import TEMPORAL_EMBEDDING_KEY, embedding_rows, map_key, temporal_embedding
 from .errors import ConversionError
 from .keys import florence2_to_florence_vl
-from .source import TensorStore, florence2_config, read_json, resolve_source
+from .source import TensorStore, image_size_from, read_florence2_folder, resolve_source
 
 
 def florence2_vision_state(folder) -> tuple[object, dict, dict]:
     """(Florence2Config, Florence-VL vision-tower state dict, preprocessor settings) from a Florence-2 checkpoint in
     Microsoft's remote-code layout or transformers' native layout. Its code files are never imported."""
-    config = florence2_config(read_json(folder / "config.json"), str(folder / "config.json"))
-    preprocessor_path = folder / "preprocessor_config.json"
-    preprocessor = read_json(preprocessor_path) if preprocessor_path.is_file() else {}
+    config, preprocessor = read_florence2_folder(folder)
     store = TensorStore(folder, "florence2")
     state = {}
     for key in store.keys():
-        try:
-            mapped = florence2_to_florence_vl(key)
-        except KeyError as error:
-            raise ConversionError(f"Unknown tensor {key!r} in {store.location(key)}: {error.args[0]}") from None
+        mapped = map_key(florence2_to_florence_vl, store, key)
         if mapped.target is None:
             continue
         tensor = store.get(key)
@@ -83,7 +78,7 @@ def from_pretrained_parts(
     with torch.device("meta"):
         expected = FlorenceVLForConditionalGeneration(config).state_dict()
     if TEMPORAL_EMBEDDING_KEY not in state:
-        state[TEMPORAL_EMBEDDING_KEY] = _temporal_embedding(*expected[TEMPORAL_EMBEDDING_KEY].shape)
+        state[TEMPORAL_EMBEDDING_KEY] = temporal_embedding(config.vision_config)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
@@ -96,9 +91,9 @@ def from_pretrained_parts(
     model.generation_config = llm.generation_config
     del llm, base, state
 
-    needed = len(tokenizer) + (0 if IMAGE_TOKEN in tokenizer.get_vocab() else 1) + (tokenizer.pad_token is None)
-    if needed > model.config.text_config.vocab_size:
-        model.resize_token_embeddings(needed, pad_to_multiple_of=EMBEDDING_ROW_MULTIPLE)
+    rows = embedding_rows(tokenizer, model.config.text_config.vocab_size)
+    if rows != model.config.text_config.vocab_size:
+        model.resize_token_embeddings(rows)
     processor = build_processor(model.config, tokenizer=tokenizer, template=template)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = processor.tokenizer.pad_token_id

@@ -1,19 +1,25 @@
-"""Reading checkpoints safely: local folders or Hub repos, safetensors or .bin (weights only), sharded or not.
+"""Reading checkpoints safely: local folders or Hub repos, safetensors or .bin (weights only), sharded or not; an
+original Florence-VL checkpoint opened as a `Source` (its configs, preprocessing, tokenizer and tensor stores).
 
 No code from a source folder is ever imported or executed: configs are read as JSON, `.bin` files only with
 `torch.load(weights_only=True)`.
 """
 
+import hashlib
 import json
 import os
 import re
 import stat
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, Florence2Config
+from transformers import AutoConfig, AutoTokenizer, Florence2Config
 
+from ..families import FAMILIES, LLMFamily, family_of_llava
+from ..modeling import FlorenceVLConfig
+from ..processing import IMAGENET_MEAN, IMAGENET_STD, asset_dir
 from .errors import ConversionError
 
 SAFETENSORS_INDEX, BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
@@ -283,7 +289,8 @@ _DAVIT_KEYS = (
     "depths", "num_heads", "num_groups", "patch_size", "patch_stride", "patch_padding", "patch_prenorm",
     "window_size", "projection_dim", "drop_path_rate",
 )  # fmt: skip
-_BART_DROP = ("architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype", "auto_map")
+# What save_pretrained records about the saving run rather than the model: dropped from the configs read.
+_SAVE_METADATA = ("architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype", "auto_map")
 
 
 def florence2_config(config: dict, where: str = "The Florence-2 config") -> Florence2Config:
@@ -330,13 +337,11 @@ def florence2_config(config: dict, where: str = "The Florence-2 config") -> Flor
         max_position_embeddings=position["max_pos_embeddings"],
         max_temporal_embeddings=temporal["max_temporal_embeddings"],
     )
-    bart = {k: v for k, v in text.items() if k not in _BART_DROP}
+    bart = {k: v for k, v in text.items() if k not in _SAVE_METADATA}
     bart["model_type"] = "bart"
     return Florence2Config(vision_config=davit, text_config=bart)
 
 
-# The original's LLaVA model types and the LLM config each wraps.
-LLAVA_MODEL_TYPES = {"llava_phi": "phi3", "llava_llama": "llama"}
 # Keys the LLaVA fork adds to the LLM's config.json (training and multimodal settings).
 LLAVA_CONFIG_KEYS = (
     "mm_vision_tower", "mm_projector_type", "mm_hidden_size", "mm_vision_select_layer", "mm_vision_select_feature",
@@ -345,23 +350,39 @@ LLAVA_CONFIG_KEYS = (
     "freeze_mm_mlp_adapter", "tune_entire_model", "tune_vision_model", "unfreeze_mm_vision_tower", "use_mm_proj",
     "vision_tower_lr", "mm_vision_tower_lr",
 )  # fmt: skip
-_LLM_DROP = ("architectures", "_name_or_path", "transformers_version", "auto_map", "torch_dtype", "dtype")
+
+
+def llava_family(config: dict, where: str = "config.json") -> LLMFamily:
+    """The LLM family of an original checkpoint, by the LLaVA-fork model_type of its config.json (`where`)."""
+    try:
+        return family_of_llava(config.get("model_type"))
+    except ValueError:
+        expected = sorted(f.llava_model_type for f in FAMILIES.values())
+        raise ConversionError(
+            f"{where} has model_type {config.get('model_type')!r}; expected one of {expected} (an original "
+            "Florence-VL checkpoint)"
+        ) from None
 
 
 def text_config_from_llava(config: dict):
     """The LLM's own config (Phi3Config / LlamaConfig) from the LLaVA model's config.json."""
-    model_type = config.get("model_type")
-    if model_type not in LLAVA_MODEL_TYPES:
-        raise ConversionError(
-            f"config.json has model_type {model_type!r}; expected one of {sorted(LLAVA_MODEL_TYPES)} (the original "
-            "Florence-VL checkpoints)"
-        )
+    llm_family = llava_family(config)
     check_sizes(config, "config.json", _LLM_SIZES, ("num_key_value_heads", "max_position_embeddings"), _LLM_DIVISIBLE)
-    keys = {k: v for k, v in config.items() if k not in LLAVA_CONFIG_KEYS and k not in _LLM_DROP and k != "model_type"}
+    dropped = {*LLAVA_CONFIG_KEYS, *_SAVE_METADATA, "model_type"}
+    keys = {k: v for k, v in config.items() if k not in dropped}
     try:
-        return AutoConfig.for_model(LLAVA_MODEL_TYPES[model_type], **keys)
+        return AutoConfig.for_model(llm_family.model_type, **keys)
     except Exception as error:  # e.g. a malformed rope_scaling, refused by transformers' own validation
         raise ConversionError(f"config.json: {type(error).__name__}: {error}") from error
+
+
+def _is_projector_type(value) -> bool:
+    """Whether FlorenceVLConfig accepts `value` as its projector_type."""
+    try:
+        FlorenceVLConfig(projector_type=str(value))
+    except ValueError:
+        return False
+    return True
 
 
 def check_llava_settings(config: dict, projection_dim: int):
@@ -377,10 +398,128 @@ def check_llava_settings(config: dict, projection_dim: int):
             )
     if config.get("image_aspect_ratio", "pad") not in ("pad", "square"):
         raise ConversionError(f"config.json has image_aspect_ratio={config['image_aspect_ratio']!r}; expected 'pad'")
-    if not re.match(r"^mlp\d+x_gelu$", str(config.get("mm_projector_type"))):
+    if not _is_projector_type(config.get("mm_projector_type")):
         raise ConversionError(f"config.json has mm_projector_type={config.get('mm_projector_type')!r}; expected mlpNx_gelu")
     if config.get("mm_hidden_size", projection_dim) != projection_dim:
         raise ConversionError(
             f"config.json has mm_hidden_size={config['mm_hidden_size']}, but the Florence-2 projection_dim is "
             f"{projection_dim}"
         )
+
+
+def image_size_from(preprocessor: dict) -> int:
+    """Florence-2's square input size; refuses preprocessing the converted processor would not reproduce."""
+    size = preprocessor.get("size", {"height": 768, "width": 768})
+    if isinstance(size, dict) and not {"height", "width"} <= set(size):
+        raise ConversionError(f"Florence-2 preprocessor size {size}: expected a fixed height and width")
+    height, width = (size["height"], size["width"]) if isinstance(size, dict) else (size, size)
+    checks = {
+        "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD), "resample": 3, "do_normalize": True,
+        "do_rescale": True, "do_center_crop": False,
+    }  # fmt: skip
+    for key, expected in checks.items():
+        value = preprocessor.get(key, expected)
+        if (list(value) if isinstance(value, (list, tuple)) else value) != expected:
+            raise ConversionError(f"vision_tower/preprocessor_config.json has {key}={value!r}; Florence-2 uses {expected!r}")
+    if height != width:
+        raise ConversionError(f"vision_tower/preprocessor_config.json resizes to {height}x{width}; expected a square")
+    if not isinstance(height, int) or isinstance(height, bool) or height <= 0:
+        raise ConversionError(f"vision_tower/preprocessor_config.json has size {size!r}; expected a positive integer")
+    return height
+
+
+def read_florence2_folder(folder: Path) -> tuple[Florence2Config, dict]:
+    """The Florence-2 config of a Florence-2 folder (either layout) and its preprocessor settings ({} without
+    preprocessor_config.json)."""
+    folder = Path(folder)
+    config = florence2_config(read_json(folder / "config.json"), str(folder / "config.json"))
+    preprocessor_path = folder / "preprocessor_config.json"
+    return config, read_json(preprocessor_path) if check_regular(preprocessor_path) else {}
+
+
+# ---- the source checkpoint ------------------------------------------------------------------------------------------
+
+# The Florence-2 whose config and preprocessing a source without vision_tower/config.json gets by default.
+FLORENCE2_ASSETS = "florence-2-large"
+
+
+@dataclass
+class Source:
+    """An original checkpoint opened for reading: configs as JSON, tensors lazily."""
+
+    folder: Path
+    source_id: str
+    revision: str | None
+    config: dict
+    family: LLMFamily
+    florence2: Florence2Config
+    preprocessor: dict
+    main: TensorStore
+    vision: TensorStore | None
+    vision_config_from: str = "vision_tower/"
+
+
+def has_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in (SAFETENSORS_INDEX, BIN_INDEX, SAFETENSORS_SINGLE, BIN_SINGLE))
+
+
+def open_source(source, revision: str | None = None, token: str | None = None, florence2_config_dir=None) -> Source:
+    """Open an original checkpoint. Without vision_tower/config.json (train.py writes vision_tower/ only when the
+    vision tower was trained), the Florence-2 config and preprocessor come from `florence2_config_dir`, by default the
+    bundled Florence-2-large files; the tensors' shapes are checked against it."""
+    folder, source_id, revision = resolve_source(source, revision, token)
+    check_source_files(folder)
+    config = read_json(folder / "config.json")
+    llm_family = llava_family(config, str(folder / "config.json"))
+    vision_dir = folder / "vision_tower"
+    if check_regular(vision_dir / "config.json"):
+        config_dir, config_from = vision_dir, "vision_tower/"
+    elif florence2_config_dir:
+        config_dir, config_from = Path(florence2_config_dir), str(florence2_config_dir)
+    else:
+        config_dir, config_from = asset_dir(FLORENCE2_ASSETS), "bundled Florence-2-large config"
+    florence2, preprocessor = read_florence2_folder(config_dir)
+    vision = TensorStore(vision_dir, "vision_tower") if has_weights(vision_dir) else None
+    return Source(folder, source_id, revision, config, llm_family, florence2, preprocessor, TensorStore(folder, "main"),
+                  vision, config_from)  # fmt: skip
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_tokenizer(source: Source):
+    """The LLM tokenizer of the source as a fast tokenizer, and its number of tokens: the vocabulary the original
+    loader resized the LLM to.
+
+    Phi-3.5 sources hold only the sentencepiece files; if they are byte-identical to Phi-3.5-mini-instruct's, the
+    bundled fast tokenizer.json of that model is used (the processor reproduces the slow tokenizer's ids).
+    """
+    folder = source.folder
+    if (folder / "tokenizer.json").is_file():
+        # config= keeps AutoTokenizer away from config.json, whose llava_* model_type transformers does not know.
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), config=text_config_from_llava(source.config))
+        # A source's tokenizer auto_map names code the converter never runs: it is not carried into the output.
+        tokenizer.init_kwargs.pop("auto_map", None)
+        tokenizer._auto_map = None
+        return tokenizer, len(tokenizer)
+    if not (folder / "tokenizer.model").is_file():
+        raise ConversionError(f"No tokenizer in {folder}: expected tokenizer.json or tokenizer.model")
+    bundled = source.family.asset_dir
+    if not (bundled / "tokenizer.model").is_file():
+        raise ConversionError(f"{folder} has only tokenizer.model; a {source.family.name} source needs tokenizer.json")
+    for name in ("tokenizer.model", "added_tokens.json"):
+        ours, theirs = folder / name, bundled / name
+        if theirs.is_file() and (not ours.is_file() or _sha256(ours) != _sha256(theirs)):
+            if name == "added_tokens.json" and ours.is_file() and read_json(ours) == read_json(theirs):
+                continue
+            raise ConversionError(
+                f"{ours} differs from {source.family.assets}'s {name}: this source's sentencepiece tokenizer is "
+                "not the one the converter knows; save it as a fast tokenizer (tokenizer.json) next to it"
+            )
+    tokenizer = AutoTokenizer.from_pretrained(str(bundled))
+    source_settings = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    if "model_max_length" in source_settings:
+        tokenizer.model_max_length = source_settings["model_max_length"]
+        tokenizer.init_kwargs["model_max_length"] = source_settings["model_max_length"]
+    return tokenizer, len(tokenizer)

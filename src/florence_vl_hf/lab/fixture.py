@@ -17,14 +17,13 @@ from tokenizers import AddedToken, Tokenizer
 from torch import nn
 from transformers import AutoModelForCausalLM, Florence2Config, Florence2ForConditionalGeneration
 
+from ..conversion.convert import DTYPES, staged_output
+from ..conversion.keys import LLAVA_VISION_PREFIX, TRANSPOSED_NATIVE_KEYS, native_to_florence2
+from ..conversion.source import FLORENCE2_ASSETS, text_config_from_llava
+from ..families import LLMFamily, family
 from ..processing import asset_dir
 from ..tiny import tiny_config
-from ..conversion.convert import LLM_ASSETS, staged_output
-from ..conversion.keys import LLAVA_VISION_PREFIX, TRANSPOSED_NATIVE_KEYS, native_to_florence2
-from ..conversion.source import text_config_from_llava
 
-LLAVA_TYPES = {"phi3": ("llava_phi", "LlavaPhiForCausalLM", "phi3"), "llama": ("llava_llama", "LlavaLlamaForCausalLM", "llama3")}
-SOURCE_VOCAB = {"phi3": 32064, "llama": 128257}  # rows of the released checkpoints' embeddings
 TRAINING_MAX_LENGTH = 2048
 TIED_FLORENCE2 = ("language_model.model.encoder.embed_tokens.weight", "language_model.model.decoder.embed_tokens.weight",
                   "language_model.lm_head.weight")  # fmt: skip
@@ -37,20 +36,19 @@ def _perturb(module: nn.Module, generator: torch.Generator, scale: float = 0.05)
             parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
-def _llava_config(llm: str, text_config, projection_dim: int, dtype: str) -> dict:
-    model_type, architecture, _ = LLAVA_TYPES[llm]
-    config = json.loads((asset_dir(LLM_ASSETS[LLAVA_TYPES[llm][2]]) / "config.json").read_text())
+def _llava_config(llm_family: LLMFamily, text_config, projection_dim: int, dtype: str, pad_token_id: int) -> dict:
+    config = json.loads((llm_family.asset_dir / "config.json").read_text())
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
         config[key] = getattr(text_config, key)
-    config["vocab_size"] = SOURCE_VOCAB[llm]
+    config["vocab_size"] = llm_family.checkpoint_vocab_size
     scaling = config.get("rope_scaling") or {}
     half_head = text_config.hidden_size // text_config.num_attention_heads // 2
     for key in ("short_factor", "long_factor"):
         if key in scaling:
             scaling[key] = scaling[key][:half_head]
     config.update(
-        model_type=model_type,
-        architectures=[architecture],
+        model_type=llm_family.llava_model_type,
+        architectures=[llm_family.llava_architecture],
         mm_vision_tower="microsoft/Florence-2-large-ft",
         mm_projector_type="mlp3x_gelu",
         mm_hidden_size=projection_dim,
@@ -71,14 +69,14 @@ def _llava_config(llm: str, text_config, projection_dim: int, dtype: str) -> dic
         use_cache=True,
         torch_dtype=dtype,
         transformers_version="4.43.3",
-        pad_token_id=128256 if llm == "llama" else 32000,
+        pad_token_id=pad_token_id,
     )
     return config
 
 
 def _microsoft_florence2_config(florence2: Florence2Config) -> dict:
     """Florence-2's remote-code config.json, as transformers 4.43 saves it (vision model_type "", float32)."""
-    config = json.loads((asset_dir("florence-2-large") / "config.json").read_text())
+    config = json.loads((asset_dir(FLORENCE2_ASSETS) / "config.json").read_text())
     davit = florence2.vision_config
     config["vision_config"].update(
         model_type="",
@@ -123,24 +121,35 @@ def _write_weights(folder: Path, state: dict, weights_format: str, shards: int):
         (folder / f"{stem}.{suffix}.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _write_tokenizer(folder: Path, llm: str):
-    assets = asset_dir(LLM_ASSETS[LLAVA_TYPES[llm][2]])
-    settings = json.loads((assets / "tokenizer_config.json").read_text())
-    settings.update(model_max_length=TRAINING_MAX_LENGTH, padding_side="right")
-    special = json.loads((assets / "special_tokens_map.json").read_text())
-    if llm == "phi3":  # the slow sentencepiece tokenizer only, as transformers 4.43 saved it (use_fast=False)
-        for name in ("tokenizer.model", "added_tokens.json"):
-            shutil.copyfile(assets / name, folder / name)
-    else:  # the fast tokenizer with the '<pad>' training added (id 128256)
-        tokenizer = Tokenizer.from_file(str(assets / "tokenizer.json"))
-        tokenizer.add_special_tokens([AddedToken("<pad>", special=True, normalized=False)])
-        tokenizer.save(str(folder / "tokenizer.json"))
-        pad = {"content": "<pad>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-        settings["added_tokens_decoder"][str(tokenizer.token_to_id("<pad>"))] = {**pad, "special": True}
-        settings["pad_token"] = "<pad>"
-        special["pad_token"] = pad
-    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+class _TrainingTokenizer:
+    """The LLM tokenizer as the original training left it: the family's own, with the '<pad>' train.py added to a
+    tokenizer without a pad token (Llama-3.1's), and the settings its save wrote."""
+
+    def __init__(self, llm_family: LLMFamily):
+        self.family, assets = llm_family, llm_family.asset_dir
+        self.settings = json.loads((assets / "tokenizer_config.json").read_text())
+        self.settings.update(model_max_length=TRAINING_MAX_LENGTH, padding_side="right")
+        self.special = json.loads((assets / "special_tokens_map.json").read_text())
+        self.tokenizer = Tokenizer.from_file(str(assets / "tokenizer.json"))
+        if self.settings.get("pad_token") is None:
+            self.tokenizer.add_special_tokens([AddedToken("<pad>", special=True, normalized=False)])
+            pad = {"content": "<pad>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+            self.settings["added_tokens_decoder"][str(self.tokenizer.token_to_id("<pad>"))] = {**pad, "special": True}
+            self.settings["pad_token"] = "<pad>"
+            self.special["pad_token"] = pad
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.token_to_id(self.settings["pad_token"])
+
+    def save(self, folder: Path):
+        if self.family.sentencepiece_leading_space:  # the slow tokenizer only, as transformers 4.43 saved it
+            for name in ("tokenizer.model", "added_tokens.json"):
+                shutil.copyfile(self.family.asset_dir / name, folder / name)
+        else:
+            self.tokenizer.save(str(folder / "tokenizer.json"))
+        (folder / "tokenizer_config.json").write_text(json.dumps(self.settings, indent=2))
+        (folder / "special_tokens_map.json").write_text(json.dumps(self.special, indent=2))
 
 
 def make_fixture(
@@ -156,23 +165,25 @@ def make_fixture(
     tied_copies: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    """Write a tiny random original-layout Florence-VL checkpoint to `output_dir` (see the module docstring).
+    """Write a tiny random original-layout Florence-VL checkpoint of the LLM family `llm` ("phi3" or "llama3") to
+    `output_dir` (see the module docstring).
 
     `tied_copies`: the main weights also hold the BART embed_tokens / lm_head copies of the shared embedding, as
     train.py's save of a GPU model does (each key is copied to the CPU on its own); `False` gives the deduplicated
     layout of a save that kept them shared. `vision_tower_weights=False` leaves out vision_tower/pytorch_model.bin.
     """
-    if llm not in LLAVA_TYPES:
-        raise ValueError(f"llm must be one of {sorted(LLAVA_TYPES)}, got {llm!r}")
+    llm_family = family(llm)
     if weights_format not in ("safetensors", "bin"):
         raise ValueError(f"weights_format must be 'safetensors' or 'bin', got {weights_format!r}")
-    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    torch_dtype = DTYPES[dtype]
     generator = torch.Generator().manual_seed(seed)
-    tiny = tiny_config(llm, image_size=image_size)
+    tiny = tiny_config(llm_family.model_type, image_size=image_size)
     florence2_config = Florence2Config(
         vision_config=tiny.vision_config.vision_config.to_dict(), text_config=tiny.vision_config.text_config.to_dict()
     )
-    llava_config = _llava_config(llm, tiny.text_config, florence2_config.vision_config.projection_dim, dtype)
+    tokenizer = _TrainingTokenizer(llm_family)
+    llava_config = _llava_config(llm_family, tiny.text_config, florence2_config.vision_config.projection_dim, dtype,
+                                 tokenizer.pad_token_id)  # fmt: skip
 
     torch.manual_seed(seed)
     florence2 = Florence2ForConditionalGeneration(florence2_config).eval()
@@ -204,13 +215,13 @@ def make_fixture(
 
     with staged_output(Path(output_dir), overwrite) as folder:
         (folder / "config.json").write_text(json.dumps(llava_config, indent=2))
-        shutil.copyfile(asset_dir(LLM_ASSETS[LLAVA_TYPES[llm][2]]) / "generation_config.json", folder / "generation_config.json")
+        shutil.copyfile(llm_family.asset_dir / "generation_config.json", folder / "generation_config.json")
         _write_weights(folder, main, weights_format, shards)
-        _write_tokenizer(folder, llm)
+        tokenizer.save(folder)
         vision = folder / "vision_tower"
         vision.mkdir()
         (vision / "config.json").write_text(json.dumps(_microsoft_florence2_config(florence2_config), indent=2))
-        preprocessor = json.loads((asset_dir("florence-2-large") / "preprocessor_config.json").read_text())
+        preprocessor = json.loads((asset_dir(FLORENCE2_ASSETS) / "preprocessor_config.json").read_text())
         preprocessor.update(size={"height": image_size, "width": image_size}, crop_size={"height": image_size, "width": image_size},
                             image_seq_length=tiny.num_encoder_image_tokens)  # fmt: skip
         (vision / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
