@@ -18,7 +18,7 @@ from .. import __version__
 from ..build import generation_config_for
 from ..files import NAME_MAX, sibling_prefix, write_text_atomic
 from ..modeling import FlorenceVLConfig, FlorenceVLForConditionalGeneration
-from ..processing import IMAGE_TOKEN, IMAGENET_MEAN, IMAGENET_STD, asset_dir, build_processor
+from ..processing import IMAGE_TOKEN, IMAGENET_MEAN, IMAGENET_STD, asset_dir, build_processor, prepare_tokenizer
 from .card import render_model_card
 from .errors import ConversionError
 from .hub import REPORT_NAME, foreign_auto_map_entries
@@ -156,7 +156,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def build_model(source: Source, vocab_rows: int) -> FlorenceVLForConditionalGeneration:
+def build_model(source: Source, vocab_rows: int, image_token_id: int) -> FlorenceVLForConditionalGeneration:
     """The Florence-VL model the source describes, on the meta device (no memory): its config, state dict keys,
     shapes and dtypes are what the converted weights are checked against, and it saves them."""
     check_llava_settings(source.config, source.florence2.vision_config.projection_dim)
@@ -169,6 +169,7 @@ def build_model(source: Source, vocab_rows: int) -> FlorenceVLForConditionalGene
             text_config=text_config.to_dict(),
             image_size=image_size,
             projector_type=source.config["mm_projector_type"],
+            image_token_id=image_token_id,
         )
         with torch.device("meta"):
             return FlorenceVLForConditionalGeneration(config)
@@ -500,6 +501,7 @@ def convert_checkpoint(
     # Staged first: a read-only, full or misnamed OUTPUT_DIR fails before minutes of reading tensors.
     with staged_output(output_dir, overwrite, log) as staging:
         tokenizer, original_vocab = load_tokenizer(source_ckpt)
+        prepare_tokenizer(tokenizer)
         plan = plan_tensors(source_ckpt)
         embed_key = "model.language_model.embed_tokens.weight"
         if embed_key not in plan.sources:
@@ -508,7 +510,7 @@ def convert_checkpoint(
         source_rows = store.shape(key)[0]
         needed = len(tokenizer) + (0 if IMAGE_TOKEN in tokenizer.get_vocab() else 1)
         rows = source_rows if needed <= source_rows else -(-needed // EMBEDDING_ROW_MULTIPLE) * EMBEDDING_ROW_MULTIPLE
-        skeleton = build_model(source_ckpt, rows)
+        skeleton = build_model(source_ckpt, rows, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
         config = skeleton.config
         processor = build_processor(config, tokenizer=tokenizer, template=template)
         processor.image_aspect_ratio = source_ckpt.config.get("image_aspect_ratio", "pad")

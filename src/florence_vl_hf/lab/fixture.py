@@ -168,7 +168,7 @@ def make_fixture(
         raise ValueError(f"weights_format must be 'safetensors' or 'bin', got {weights_format!r}")
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
     generator = torch.Generator().manual_seed(seed)
-    tiny = tiny_config(llm, image_size=image_size)
+    tiny = tiny_config(LLAVA_TYPES[llm][2], image_size=image_size)
     florence2_config = Florence2Config(
         vision_config=tiny.vision_config.vision_config.to_dict(), text_config=tiny.vision_config.text_config.to_dict()
     )
