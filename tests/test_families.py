@@ -82,6 +82,14 @@ def test_tiny_configs_belong_to_their_family(llm_family):
     assert build_processor(config).image_token_id == config.image_token_id
 
 
+def test_the_configs_defaults_are_phi3s():
+    """The Hub payload cannot import the table: its default LLM and <image> id are Phi-3.5's, written out."""
+    config = FlorenceVLConfig()
+    assert family_of(config.text_config) is family("phi3")
+    assert config.image_token_id == family("phi3").image_token_id
+    assert config.text_config.vocab_size == family("phi3").checkpoint_vocab_size
+
+
 def test_training_recipes_and_templates_cover_every_family():
     assert TEMPLATES == ("plain", *FAMILY_NAMES)
     assert set(PAPER_RECIPES) == {(name, stage) for name in FAMILY_NAMES for stage in STAGES}
