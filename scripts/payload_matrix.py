@@ -55,7 +55,7 @@ def prepare(out: Path):
     image_path = Path(florence_vl_hf.__file__).parent / "assets" / "shapes_vqa_example.png"
     image = Image.open(image_path).convert("RGB")
     tiny = florence_vl_hf.tiny_model_dir()
-    llama_model, llama_processor = build_random_model(tiny_config("llama"), seed=0)
+    llama_model, llama_processor = build_random_model(tiny_config("llama3"), seed=0)
     models = {
         "florence-vl-tiny": (AutoModelForImageTextToText.from_pretrained(tiny), AutoProcessor.from_pretrained(tiny)),
         "random-llama": (llama_model, llama_processor),

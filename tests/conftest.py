@@ -17,7 +17,7 @@ from PIL import Image  # noqa: E402
 
 import florence_vl_hf  # noqa: E402,F401  (registers the Auto classes)
 from florence_vl_hf.build import build_random_model  # noqa: E402
-from florence_vl_hf.processing import asset_dir  # noqa: E402
+from florence_vl_hf.processing import sample_image_path  # noqa: E402
 from florence_vl_hf.lab.fixture import make_fixture  # noqa: E402
 from florence_vl_hf.tiny import tiny_config  # noqa: E402
 
@@ -56,10 +56,10 @@ def no_logged_deprecation():
 
 @pytest.fixture(scope="session")
 def shapes_image():
-    return Image.open(asset_dir("phi-3.5-mini-instruct").parent / "shapes.png").convert("RGB")
+    return Image.open(sample_image_path()).convert("RGB")
 
 
-@pytest.fixture(scope="session", params=["phi3", "llama"])
+@pytest.fixture(scope="session", params=["phi3", "llama3"])
 def tiny(request):
     """(model, processor) with random weights, for each LLM family."""
     return build_random_model(tiny_config(request.param), seed=0)

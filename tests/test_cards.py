@@ -15,7 +15,7 @@ def test_the_bundled_tiny_model_card_has_hub_metadata():
     assert "custom_code" in card.data.tags and "florence-vl" in card.data.tags
 
 
-@pytest.mark.parametrize("llm, license", [("phi3", "mit"), ("llama", "llama3.1")])
+@pytest.mark.parametrize("llm, license", [("phi3", "mit"), ("llama3", "llama3.1")])
 def test_save_hub_folder_writes_a_card_with_the_llms_licence(llm, license, tmp_path):
     model, processor = build_random_model(tiny_config(llm), seed=0)
     folder = save_hub_folder(model, processor, tmp_path / "my-model", description="Random weights.")

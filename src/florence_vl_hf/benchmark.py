@@ -49,6 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .build import save_hub_folder
 from .conversion.parts import from_pretrained_parts
 from .conversion.source import florence2_config, read_json
+from .families import family
 from .modeling import FlorenceVLConfig, FlorenceVLForConditionalGeneration
 from .modeling.configuration_florence_vl import DEPTH_FEATURE
 from .modeling.modeling_florence_vl import FlorenceVLMultiModalProjector
@@ -57,7 +58,7 @@ from .tiny import tiny_config
 
 SHAPE_NAMES = ("tiny", "base", "large")
 QUESTION = "What is in the image?"
-TEMPLATE = "phi3"  # every shape uses the Phi-3.5 vocabulary (32064 rows) and chat template
+LLM_FAMILY = family("phi3")  # every shape uses the Phi-3.5 vocabulary (32064 rows), tokenizer and chat template
 
 
 @dataclass
@@ -108,15 +109,16 @@ def _named_shape(name: str) -> Shape:
         vision = {"embed_dim": [128, 256, 512, 1024], "depths": [1, 1, 9, 1], "num_heads": [4, 8, 16, 32],
                   "num_groups": [4, 8, 16, 32], "window_size": 12, "projection_dim": 768}  # fmt: skip
         text = LlamaConfig(
-            vocab_size=32064, hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-            intermediate_size=4864, max_position_embeddings=4096, bos_token_id=1, eos_token_id=32000,
-            pad_token_id=32000, tie_word_embeddings=False,
+            vocab_size=LLM_FAMILY.checkpoint_vocab_size, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+            num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=4096,
+            bos_token_id=LLM_FAMILY.bos_token_id, eos_token_id=LLM_FAMILY.eos_token_id,
+            pad_token_id=LLM_FAMILY.pad_token_id, tie_word_embeddings=False,
         )  # fmt: skip
         return Shape(name, {"vision_config": vision, "text_config": _bart(768, 6, 12)}, text, 768, torch.float32)
     if name == "large":
         florence2 = florence2_config(read_json(asset_dir("florence-2-large") / "config.json"))
         parts = {"vision_config": florence2.vision_config.to_dict(), "text_config": florence2.text_config.to_dict()}
-        text = AutoConfig.from_pretrained(str(asset_dir("phi-3.5-mini-instruct")))
+        text = AutoConfig.from_pretrained(str(LLM_FAMILY.asset_dir))
         return Shape(name, parts, text, 768, torch.bfloat16)
     raise ValueError(f"Unknown shape {name!r}: choose from {', '.join(SHAPE_NAMES)}")
 
@@ -139,9 +141,9 @@ def prepare_checkpoints(shape: Shape, folder, seed: int = 0) -> Path:
     llm.save_pretrained(folder / "llm")
     del llm
     gc.collect()
-    tokenizer = AutoTokenizer.from_pretrained(str(asset_dir("phi-3.5-mini-instruct")))
+    tokenizer = AutoTokenizer.from_pretrained(str(LLM_FAMILY.asset_dir))
     model, processor = from_pretrained_parts(folder / "florence2", folder / "llm", tokenizer=tokenizer,
-                                             template=TEMPLATE, dtype=shape.dtype, seed=seed)  # fmt: skip
+                                             template=LLM_FAMILY.name, dtype=shape.dtype, seed=seed)  # fmt: skip
     save_hub_folder(model, processor, folder / "florence_vl")
     return folder
 
@@ -327,7 +329,7 @@ def load_side(kind: str, folder: Path, device: torch.device, dtype: torch.dtype)
 
 
 def _processor(folder: Path):
-    return build_processor(FlorenceVLConfig.from_pretrained(folder / "florence_vl"), template=TEMPLATE)
+    return build_processor(FlorenceVLConfig.from_pretrained(folder / "florence_vl"), template=LLM_FAMILY.name)
 
 
 def make_batch(folder: Path, batch_size: int, device: torch.device, dtype: torch.dtype, images: int = 1,

@@ -6,16 +6,15 @@ import torch
 from transformers import GenerationConfig
 
 from .cards import hub_base_model, saved_model_card, write_card
+from .families import family
 from .modeling import FlorenceVLForConditionalGeneration
-from .processing import asset_dir, build_processor, template_for_text_config
-
-_LLM_ASSETS = {"phi3": "phi-3.5-mini-instruct", "llama3": "llama-3.1-8b-instruct"}
+from .processing import build_processor, family_for
 
 
 def generation_config_for(template: str) -> GenerationConfig:
-    """Greedy generation stopping at the LLM's end-of-turn tokens (Phi-3.5: <|end|>, <|endoftext|>; Llama-3.1:
-    <|eot_id|>, <|end_of_text|>)."""
-    upstream = GenerationConfig.from_pretrained(asset_dir(_LLM_ASSETS[template]))
+    """Greedy generation stopping at the end-of-turn tokens of the LLM family `template` ("phi3": <|end|>,
+    <|endoftext|>; "llama3": <|eot_id|>, <|end_of_text|>)."""
+    upstream = GenerationConfig.from_pretrained(family(template).asset_dir)
     return GenerationConfig(
         bos_token_id=upstream.bos_token_id,
         eos_token_id=upstream.eos_token_id,
@@ -25,8 +24,9 @@ def generation_config_for(template: str) -> GenerationConfig:
 
 
 def build_random_model(config, seed: int = 0, template: str | None = None):
-    """A randomly initialised model and its processor (the bundled tokenizer matching the config's LLM)."""
-    template = template or template_for_text_config(config.text_config)
+    """A randomly initialised model of `config` and its processor (`build_processor(config, template=template)`: the
+    bundled tokenizer of the config's LLM family, whose `<image>` id the config must hold)."""
+    template = family_for(config, template).name
     processor = build_processor(config, template=template)
     torch.manual_seed(seed)
     model = FlorenceVLForConditionalGeneration(config).eval()

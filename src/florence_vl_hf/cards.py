@@ -7,14 +7,18 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .families import family_of
+
 REQUIRED_METADATA = {"library_name": "transformers", "pipeline_tag": "image-text-to-text"}
-# The weights' licence follows the LLM's: Phi-3.5-mini-instruct is MIT, Llama-3.1 has its community licence.
-LICENSES_BY_TEXT_MODEL = {"phi3": "mit", "llama": "llama3.1"}
 TAGS = ["florence-vl", "florence-2", "vision-language", "image-text-to-text", "custom_code"]
 
 
 def license_for(text_model_type: str) -> str:
-    return LICENSES_BY_TEXT_MODEL.get(text_model_type, "other")
+    """The weights' licence follows the LLM's (its family's licence; "other" for an LLM of no family)."""
+    try:
+        return family_of(text_model_type).licence
+    except ValueError:
+        return "other"
 
 
 def hub_base_model(name_or_path) -> str | None:

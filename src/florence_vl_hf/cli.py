@@ -15,21 +15,20 @@ def _demo_tiny(args) -> int:
 
     from . import __version__, tiny_model_dir
     from .errors import CommandError, require_at_least
-    from .processing import asset_dir
+    from .processing import bundled_file
 
     started = time.perf_counter()
     if args.question is not None and not args.question.strip():
         raise CommandError("--question is empty: ask a question, or leave it out for the bundled example's questions")
     require_at_least("--max-new-tokens", args.max_new_tokens, 1)
-    assets = asset_dir("phi-3.5-mini-instruct").parent
-    example = json.loads((assets / "shapes_vqa_example.json").read_text())
+    example = json.loads(bundled_file("shapes_vqa_example.json").read_text())
     if args.question is not None:
         questions = [{"question": args.question, "answer": None}]
     elif args.image is not None:  # the example's answers are about the example's image only
         questions = [{"question": DEMO_QUESTION, "answer": None}]
     else:
         questions = example["questions"]
-    image_path = Path(args.image or assets / "shapes_vqa_example.png")
+    image_path = Path(args.image or bundled_file("shapes_vqa_example.png"))
     try:
         with PIL.Image.open(image_path) as opened:
             image = opened.convert("RGB")

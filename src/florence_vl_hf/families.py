@@ -32,6 +32,10 @@ class LLMFamily:
     llava_model_type: str  # model_type of the original LLaVA-fork checkpoints
     llava_architecture: str
     checkpoint_vocab_size: int  # rows of the released checkpoints' embedding matrices
+    image_token_id: int  # '<image>' in its bundled tokenizer after prepare_tokenizer (the last token added)
+    bos_token_id: int  # the text config's special ids of the configs built on it (tiny_config, the tiny recipe)
+    eos_token_id: int
+    pad_token_id: int | None
     assistant_marker: str  # a string only this family's chat template contains
     sentencepiece_leading_space: bool  # the original tokenized it with the slow sentencepiece tokenizer
     lora_targets: tuple[str, ...]  # its attention and MLP linear layers, adapted by LoRA by default
@@ -57,6 +61,10 @@ FAMILIES = {
             llava_model_type="llava_phi",
             llava_architecture="LlavaPhiForCausalLM",
             checkpoint_vocab_size=32064,
+            image_token_id=32011,
+            bos_token_id=1,
+            eos_token_id=32000,  # <|endoftext|>, as Phi-3.5's config.json
+            pad_token_id=32000,
             assistant_marker="<|assistant|>",
             sentencepiece_leading_space=True,
             lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
@@ -72,6 +80,10 @@ FAMILIES = {
             llava_model_type="llava_llama",
             llava_architecture="LlavaLlamaForCausalLM",
             checkpoint_vocab_size=128257,  # 128256 + the '<pad>' the original's training added
+            image_token_id=128257,  # after that '<pad>' (128256)
+            bos_token_id=128000,
+            eos_token_id=128009,  # <|eot_id|>, the end of a turn (one of the three its config.json lists)
+            pad_token_id=None,
             assistant_marker="<|start_header_id|>",
             sentencepiece_leading_space=False,
             lora_targets=_LLAMA_LINEARS,

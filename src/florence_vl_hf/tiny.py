@@ -1,18 +1,17 @@
 """Small Florence-VL configurations for tests, demos and CPU experiments (random weights)."""
 
+from .families import family, padded_rows
 from .modeling import FlorenceVLConfig
-
-# Vocabulary sizes of the official LLMs (rows of their embedding matrices, padded to a multiple of 64).
-VOCAB_SIZE = {"phi3": 32064, "llama": 128320}
 
 
 def tiny_config(llm: str = "phi3", image_size: int = 32, **overrides) -> FlorenceVLConfig:
-    """A Florence-VL small enough for a CPU test: a 2-stage DaViT, a 2-layer BART encoder and a 2-layer LLM.
+    """A Florence-VL small enough for a CPU test: a 2-stage DaViT, a 2-layer BART encoder and a 2-layer LLM of the
+    family `llm` ("phi3" or "llama3").
 
-    The LLM keeps the real vocabulary size so the real Phi-3.5 / Llama-3.1 tokenizers fit.
+    The LLM embeds the family's bundled tokenizer with `<image>` (and `<pad>`), padded to a multiple of 64 rows
+    (32064 for Phi-3.5, 128320 for Llama-3.1), so the real tokenizers fit; `image_token_id` is that tokenizer's.
     """
-    if llm not in VOCAB_SIZE:
-        raise ValueError(f"llm must be one of {sorted(VOCAB_SIZE)}, got {llm!r}")
+    llm_family = family(llm)
     vision = {
         "vision_config": {
             "embed_dim": [16, 32],
@@ -44,8 +43,8 @@ def tiny_config(llm: str = "phi3", image_size: int = 32, **overrides) -> Florenc
         },
     }
     text = {
-        "model_type": llm,
-        "vocab_size": VOCAB_SIZE[llm],
+        "model_type": llm_family.model_type,
+        "vocab_size": padded_rows(llm_family.image_token_id + 1),
         "hidden_size": 64,
         "intermediate_size": 128,
         "num_hidden_layers": 2,
@@ -53,8 +52,8 @@ def tiny_config(llm: str = "phi3", image_size: int = 32, **overrides) -> Florenc
         "num_key_value_heads": 2,
         "max_position_embeddings": 1024,
     }
-    if llm == "phi3":
-        text.update(pad_token_id=32000, bos_token_id=1, eos_token_id=32000)
-    else:
-        text.update(bos_token_id=128000, eos_token_id=128009)
+    if llm_family.pad_token_id is not None:
+        text["pad_token_id"] = llm_family.pad_token_id
+    text.update(bos_token_id=llm_family.bos_token_id, eos_token_id=llm_family.eos_token_id)
+    overrides.setdefault("image_token_id", llm_family.image_token_id)
     return FlorenceVLConfig(vision_config=vision, text_config=text, image_size=image_size, **overrides)

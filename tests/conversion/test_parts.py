@@ -34,9 +34,9 @@ def parts(tmp_path_factory):
     florence2.save_pretrained(root / "florence2")
     florence2_image_processor(32).save_pretrained(root / "florence2")
     llms = {}
-    for llm, asset in (("phi3", "phi-3.5-mini-instruct"), ("llama", "llama-3.1-8b-instruct")):
+    for llm, asset in (("phi3", "phi-3.5-mini-instruct"), ("llama3", "llama-3.1-8b-instruct")):
         text = tiny_config(llm).text_config
-        text.vocab_size = {"phi3": 32064, "llama": 128256}[llm]
+        text.vocab_size = {"phi3": 32064, "llama3": 128256}[llm]
         model = AutoModelForCausalLM.from_config(text)
         model.save_pretrained(root / llm)
         AutoTokenizer.from_pretrained(str(asset_dir(asset))).save_pretrained(root / llm)
@@ -44,7 +44,7 @@ def parts(tmp_path_factory):
     return root / "florence2", llms
 
 
-@pytest.mark.parametrize("llm", ["phi3", "llama"])
+@pytest.mark.parametrize("llm", ["phi3", "llama3"])
 def test_parts_compute_what_each_part_computes(parts, llm, shapes_image):
     florence2_dir, llms = parts
     model, processor = from_pretrained_parts(florence2_dir, llms[llm])
@@ -62,7 +62,7 @@ def test_parts_compute_what_each_part_computes(parts, llm, shapes_image):
 
     # The vocabulary grows only when the tokenizer (with <image>, and <pad> where missing) does not fit.
     rows = model.config.text_config.vocab_size
-    assert rows == {"phi3": 32064, "llama": 128320}[llm] and len(processor.tokenizer) <= rows
+    assert rows == {"phi3": 32064, "llama3": 128320}[llm] and len(processor.tokenizer) <= rows
     assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>")
     messages = [{"role": "user", "content": [{"type": "image", "image": shapes_image}, {"type": "text", "text": "Hi?"}]}]
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,

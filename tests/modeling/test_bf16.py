@@ -37,7 +37,7 @@ OURS = {"FlorenceVLForConditionalGeneration", "FlorenceVLModel", "FlorenceVLVisi
 FLASH = "aten._scaled_dot_product_flash_attention_for_cpu.default"
 
 
-@pytest.fixture(scope="module", params=["phi3", "llama"])
+@pytest.fixture(scope="module", params=["phi3", "llama3"])
 def models(request, tmp_path_factory, shapes_image):
     """(bf16 model, fp32 model, processor, fp32 inputs): random weights, perturbed so that no norm sits at identity,
     rounded to bf16 and saved; the folder loaded with from_pretrained in each dtype (the fp32 one holds exactly the

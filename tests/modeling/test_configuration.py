@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from florence_vl_hf import FlorenceVLConfig
@@ -52,6 +54,8 @@ def test_token_count_and_projector_width_follow_the_settings(overrides, tokens, 
         ({"task_prompt_names": ["a"], "task_prompt_ids": [[0, 2], [0, 2]]}, "one unique name per row"),
         ({"task_prompt_names": ["a", "b"], "task_prompt_ids": [[0, 2], [0, 5, 2]]}, "padded to one length"),
         ({"task_prompt_names": ["depth"], "task_prompt_ids": [[0, 2]]}, "reserved"),
+        ({"task_prompt_texts": ["Describe in detail what is shown in the image."]}, "one text"),
+        ({"task_prompt_names": ["a"], "task_prompt_texts": [7], "task_prompt_ids": [[0, 2]]}, "one text"),
         ({"image_size": 4000}, "position embedding"),
     ],
 )
@@ -71,7 +75,7 @@ def test_prompt_plus_image_tokens_must_fit_the_encoder_positions():
         tiny_config("phi3", image_size=96)  # 1 + 12*12 image tokens + 14 prompt tokens > 128 positions
 
 
-@pytest.mark.parametrize("llm", ["phi3", "llama"])
+@pytest.mark.parametrize("llm", ["phi3", "llama3"])
 def test_round_trip_through_dict_and_disk(llm, tmp_path):
     config = tiny_config(llm, fusion="token", include_average_image_token=False)
     config.save_pretrained(tmp_path)
@@ -99,3 +103,38 @@ def test_vision_config_names_its_width_and_saves_as_plain_florence2(tmp_path):
     assert again.vision_config.to_dict() == config.vision_config.to_dict()
     config.save_pretrained(tmp_path)
     assert type(FlorenceVLConfig.from_pretrained(tmp_path).vision_config) is FlorenceVLVisionConfig
+
+
+ORIGINAL_TASK_PROMPTS = {
+    "caption": "Describe in detail what is shown in the image.",
+    "ocr": "What is the text in the image?",
+    "grounding": "Locate the objects in the image, with their descriptions.",
+}
+
+
+def test_task_prompt_texts_default_to_the_originals_and_round_trip(tmp_path):
+    config = FlorenceVLConfig()
+    assert dict(zip(config.task_prompt_names, config.task_prompt_texts)) == ORIGINAL_TASK_PROMPTS
+    texts = ["Describe the image.", "Read the text."]
+    custom = tiny_config("phi3", task_prompt_names=["short", "read"], task_prompt_texts=texts,
+                         task_prompt_ids=[[0, 1, 2], [0, 3, 2]])  # fmt: skip
+    custom.save_pretrained(tmp_path)
+    assert FlorenceVLConfig.from_pretrained(tmp_path).task_prompt_texts == texts
+
+
+def test_a_config_saved_without_texts_loads_with_the_original_texts(tmp_path):
+    """The bundled florence-vl-tiny's config.json predates the texts; so do converted folders."""
+    import florence_vl_hf
+
+    folder = florence_vl_hf.tiny_model_dir()
+    saved = json.loads((folder / "config.json").read_text())
+    assert "task_prompt_texts" not in saved
+    config = FlorenceVLConfig.from_pretrained(folder)
+    assert config.task_prompt_names == saved["task_prompt_names"]
+    assert config.task_prompt_texts == [ORIGINAL_TASK_PROMPTS[name] for name in saved["task_prompt_names"]]
+    # A subset of the original prompts gets their texts too; other names load without texts.
+    subset = dict(saved, task_prompt_names=["ocr"], task_prompt_ids=[saved["task_prompt_ids"][1]],
+                  vision_feature_sources=["depth", "ocr"])  # fmt: skip
+    assert FlorenceVLConfig.from_dict(subset).task_prompt_texts == [ORIGINAL_TASK_PROMPTS["ocr"]]
+    renamed = dict(subset, task_prompt_names=["read"], vision_feature_sources=["depth", "read"])
+    assert FlorenceVLConfig.from_dict(renamed).task_prompt_texts is None

@@ -160,7 +160,7 @@ def test_several_images_in_later_turns(tiny_phi3, shapes_image):
 
 
 def test_llama_prompt_keeps_the_original_double_bos():
-    model, processor = build_random_model(tiny_config("llama"))
+    model, processor = build_random_model(tiny_config("llama3"))
     inputs = processor.apply_chat_template(
         [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True, return_dict=True
     )

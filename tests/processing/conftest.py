@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from florence_vl_hf.families import family
 from florence_vl_hf.modeling import FlorenceVLConfig
 from florence_vl_hf.processing import build_processor
 from florence_vl_hf.tiny import tiny_config
@@ -31,7 +32,7 @@ def phi3_processor():
 @pytest.fixture(scope="session")
 def llama_processor():
     """Tiny config: 32 px images, 17 image tokens, the real Llama-3.1 tokenizer."""
-    return build_processor(tiny_config("llama"))
+    return build_processor(tiny_config("llama3"))
 
 
 @pytest.fixture(scope="session")
@@ -48,4 +49,6 @@ def full_phi3_processor():
 
 @pytest.fixture(scope="session")
 def full_llama_processor():
-    return build_processor(FlorenceVLConfig(text_config={"model_type": "llama", "vocab_size": 128320}))
+    llama = family("llama3")
+    return build_processor(FlorenceVLConfig(text_config={"model_type": llama.model_type, "vocab_size": 128320},
+                                             image_token_id=llama.image_token_id))

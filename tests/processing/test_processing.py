@@ -23,6 +23,7 @@ from florence_vl_hf.processing import (
     encode_task_prompts,
     florence2_image_processor,
 )
+from florence_vl_hf.tiny import tiny_config
 
 IMAGE_INDEX = -200  # the original's IMAGE_TOKEN_INDEX in input_ids
 SPIECE_UNDERLINE = "\u2581"
@@ -329,6 +330,58 @@ def test_encode_task_prompts_matches_spec():
     florence_tokenizer = AutoTokenizer.from_pretrained(str(asset_dir("florence-2-large")))
     assert encode_task_prompts(TASK_TEXTS, florence_tokenizer) == TASK_IDS
     assert FlorenceVLConfig().task_prompt_ids == TASK_IDS
+
+
+def test_the_configs_default_texts_encode_to_its_default_ids():
+    """The ids the config hard-codes, against the bundled Florence-2 tokenizer."""
+    florence_tokenizer = AutoTokenizer.from_pretrained(str(asset_dir("florence-2-large")))
+    config = FlorenceVLConfig()
+    assert config.task_prompt_texts == TASK_TEXTS
+    assert encode_task_prompts(config.task_prompt_texts, florence_tokenizer) == config.task_prompt_ids
+
+
+def test_build_processor_takes_the_task_prompts_from_the_config():
+    texts = ["Describe the image.", "Read it."]
+    florence_tokenizer = AutoTokenizer.from_pretrained(str(asset_dir("florence-2-large")))
+    config = tiny_config("phi3", task_prompt_names=["short", "read"], task_prompt_texts=texts,
+                         task_prompt_ids=encode_task_prompts(texts, florence_tokenizer))  # fmt: skip
+    processor = build_processor(config)
+    assert processor.task_prompts == {"short": texts[0], "read": texts[1]}
+    assert processor.task_prompt_ids == config.task_prompt_ids
+
+
+@pytest.mark.parametrize(
+    "prompts, message",
+    [
+        # a text that is not the one the ids were made from
+        ({"task_prompt_texts": ["Describe the image.", *TASK_TEXTS[1:]]}, "Task prompt 'caption'"),
+        # the right texts under ids padded to a longer length than the original's
+        ({"task_prompt_ids": [row + [1] for row in TASK_IDS]}, "Task prompt 'caption'"),
+        # names of no original prompt, saved without texts
+        ({"task_prompt_names": ["a", "b", "c"], "vision_feature_sources": ["depth", "a"]}, "no task_prompt_texts"),
+    ],
+)
+def test_build_processor_refuses_texts_that_do_not_give_the_configs_ids(prompts, message):
+    config = tiny_config("phi3", **{"task_prompt_names": ["caption", "ocr", "grounding"], "task_prompt_ids": TASK_IDS,
+                                    **prompts})  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        build_processor(config)
+
+
+@pytest.mark.parametrize("llm", TEMPLATES)
+def test_build_processor_leaves_the_config_unchanged(llm):
+    config = tiny_config(llm)
+    before = config.to_dict()
+    build_processor(config)
+    assert config.to_dict() == before
+
+
+def test_build_processor_refuses_a_config_with_another_image_token_id():
+    config = tiny_config("llama3", image_token_id=32011)
+    before = config.to_dict()
+    with pytest.raises(ValueError, match=r"image_token_id is 32011 but the tokenizer's <image> id is 128257"):
+        build_processor(config)
+    assert config.to_dict() == before
 
 
 @pytest.mark.parametrize("template", TEMPLATES)

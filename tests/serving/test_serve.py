@@ -146,7 +146,7 @@ def image_host():
     httpd.shutdown()
 
 
-@pytest.fixture(scope="module", params=["phi3", "llama"])
+@pytest.fixture(scope="module", params=["phi3", "llama3"])
 def served(request, tmp_path_factory):
     """The bundled florence-vl-tiny (Phi-3.5) and a random tiny Llama-3.1 model, each served by `florence-vl serve`,
     with the model and processor loaded here for the references."""
@@ -154,7 +154,7 @@ def served(request, tmp_path_factory):
     if request.param == "phi3":
         folder = florence_vl_hf.tiny_model_dir()
     else:
-        model, processor = build_random_model(tiny_config("llama"), seed=0)
+        model, processor = build_random_model(tiny_config("llama3"), seed=0)
         folder = save_hub_folder(model, processor, root / "model")
         model.generation_config.save_pretrained(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()

@@ -65,7 +65,7 @@ def folders(tmp_path_factory):
     folders, with what transformers computes on each case: the processor's ids and greedy tokens."""
     root = tmp_path_factory.mktemp("vllm")
     tiny = florence_vl_hf.tiny_model_dir()
-    llama_config = tiny_config("llama")
+    llama_config = tiny_config("llama3")
     # vLLM's CPU attention kernels take head sizes of 32 and up (the tiny config's is 16)
     llama_config.text_config.hidden_size, llama_config.text_config.head_dim = 128, 32
     llama_model, llama_processor = build_random_model(llama_config, seed=0)

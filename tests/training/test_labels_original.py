@@ -7,18 +7,18 @@ from pathlib import Path
 import pytest
 
 from florence_vl_hf import build_processor
+from florence_vl_hf.families import FAMILY_NAMES
 from florence_vl_hf.tiny import tiny_config
 from florence_vl_hf.training import IGNORE_INDEX, SampleError, tokenize_sample
 
 GOLDEN = json.loads((Path(__file__).parents[1] / "data" / "original_training_labels.json").read_text())
 ORIGINAL_IMAGE = GOLDEN["provenance"]["image_token_index"]
 MAX_LENGTH = 2048
-LLM = {"phi3": "phi3", "llama3": "llama"}
 
 
 @pytest.fixture(scope="module")
 def processors():
-    return {name: build_processor(tiny_config(llm)) for name, llm in LLM.items()}
+    return {name: build_processor(tiny_config(name)) for name in FAMILY_NAMES}
 
 
 def collapse_image(ids, labels, image_token_id, num_image_tokens):

@@ -6,9 +6,9 @@ from conftest import write_samples
 from peft import PeftModel
 
 from florence_vl_hf.build import build_random_model
+from florence_vl_hf.families import family
 from florence_vl_hf.tiny import tiny_config
 from florence_vl_hf.training import (
-    LORA_TARGETS,
     ConversationDataset,
     FlorenceVLDataCollator,
     apply_lora,
@@ -18,7 +18,7 @@ from florence_vl_hf.training import (
 )
 
 
-@pytest.mark.parametrize("llm", ["phi3", "llama"])
+@pytest.mark.parametrize("llm", ["phi3", "llama3"])
 def test_default_targets_are_the_llm_linear_layers_only(llm):
     model, _ = build_random_model(tiny_config(llm), seed=0)
     pattern = re.compile(lora_target_modules(model.config.text_config))
@@ -28,7 +28,7 @@ def test_default_targets_are_the_llm_linear_layers_only(llm):
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) and name.startswith("model.language_model.layers.")
     }
-    assert matched == expected and len(expected) == len(LORA_TARGETS[llm]) * model.config.text_config.num_hidden_layers
+    assert matched == expected and len(expected) == len(family(llm).lora_targets) * model.config.text_config.num_hidden_layers
 
 
 def test_lora_trains_adapters_and_projector_and_round_trips(data_folder, tmp_path):

@@ -55,7 +55,7 @@ class FlorenceVLModelTester:
     def __init__(
         self,
         parent,
-        llm="llama",
+        llm="llama3",
         batch_size=3,
         text_seq_length=7,
         vocab_size=99,
@@ -164,7 +164,7 @@ class _FlorenceVLModelTest(ModelTesterMixin, GenerationTesterMixin):
 class FlorenceVLLlamaModelTest(_FlorenceVLModelTest, unittest.TestCase):
     """Florence-VL with a Llama text model (the Llama-3.1 checkpoints' family)."""
 
-    llm = "llama"
+    llm = "llama3"
 
 
 class FlorenceVLPhi3ModelTest(_FlorenceVLModelTest, unittest.TestCase):

@@ -132,7 +132,7 @@ class FlorenceVLPhi35ProcessorTest(_FlorenceVLProcessorTest, unittest.TestCase):
 class FlorenceVLLlama31ProcessorTest(_FlorenceVLProcessorTest, unittest.TestCase):
     """Llama-3.1-8B-Instruct's tokenizer with `<pad>` added, the llama3 chat template."""
 
-    llm = "llama"
+    llm = "llama3"
 
     @staticmethod
     def expected_chat_ids(processor, rendered):

@@ -29,7 +29,7 @@ from ..build import generation_config_for
 from ..families import padded_rows
 from ..files import NAME_MAX, sibling_prefix, write_text_atomic
 from ..modeling import FlorenceVLConfig, FlorenceVLForConditionalGeneration
-from ..processing import FlorenceVLProcessor, build_processor, prepare_tokenizer
+from ..processing import IMAGE_TOKEN, FlorenceVLProcessor, build_processor, prepare_tokenizer
 from .card import render_model_card
 from .errors import ConversionError
 from .hub import REPORT_NAME, foreign_auto_map_entries
@@ -146,7 +146,7 @@ def map_key(mapper, store: TensorStore, key: str) -> Mapped:
 
 # ---- 1. plan ------------------------------------------------------------------------------------------------------
 
-def build_model(source: Source, vocab_rows: int) -> FlorenceVLForConditionalGeneration:
+def build_model(source: Source, vocab_rows: int, image_token_id: int) -> FlorenceVLForConditionalGeneration:
     """The Florence-VL model the source describes, on the meta device (no memory): its config, state dict keys,
     shapes and dtypes are what the converted weights are checked against, and it saves them."""
     check_llava_settings(source.config, source.florence2.vision_config.projection_dim)
@@ -159,6 +159,7 @@ def build_model(source: Source, vocab_rows: int) -> FlorenceVLForConditionalGene
             text_config=text_config.to_dict(),
             image_size=image_size,
             projector_type=source.config["mm_projector_type"],
+            image_token_id=image_token_id,
         )
         with torch.device("meta"):
             return FlorenceVLForConditionalGeneration(config)
@@ -289,7 +290,7 @@ def plan_conversion(source: Source, dtype: torch.dtype, log=print) -> Conversion
     store, key, _ = tensors.sources[EMBED_TOKENS_KEY]
     source_rows = store.shape(key)[0]
     rows = embedding_rows(tokenizer, source_rows)
-    skeleton = build_model(source, rows)
+    skeleton = build_model(source, rows, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     processor = build_processor(skeleton.config, tokenizer=tokenizer, template=source.family.name)
     processor.image_aspect_ratio = source.config.get("image_aspect_ratio", "pad")
     derived = check_tensor_plan(source, tensors, skeleton, log)

@@ -4,9 +4,10 @@ initialised projector. This is where training a new Florence-VL starts (stage 1)
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..families import family_of
 from ..modeling import FlorenceVLConfig, FlorenceVLForConditionalGeneration
 from ..modeling.modeling_florence_vl import FlorenceVLMultiModalProjector
-from ..processing import build_processor, template_for_text_config
+from ..processing import IMAGE_TOKEN, build_processor, prepare_tokenizer
 from .convert import TEMPORAL_EMBEDDING_KEY, embedding_rows, map_key, temporal_embedding
 from .errors import ConversionError
 from .keys import florence2_to_florence_vl
@@ -59,9 +60,11 @@ def from_pretrained_parts(
     tokenizer = tokenizer if tokenizer is not None else str(language_model)
     if isinstance(tokenizer, str):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer, token=token)
-    template = template or template_for_text_config(llm.config)
+    template = template or family_of(llm.config).name
+    tokenizer = prepare_tokenizer(tokenizer)
 
     config_kwargs.setdefault("image_size", image_size_from(preprocessor))
+    config_kwargs.setdefault("image_token_id", tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     try:
         config = FlorenceVLConfig(vision_config=florence2_cfg.to_dict(), text_config=llm.config.to_dict(), **config_kwargs)
     except ValueError as error:

@@ -10,15 +10,15 @@ import torch
 from safetensors import safe_open
 
 from ..cards import check_card_metadata, metadata_block
+from ..families import family
 from ..files import replace_dir, sibling_prefix
-from ..processing import asset_dir
 from .shapes import QUESTION_TYPES
 
 MAX_WEIGHTS_BYTES = 25_000_000
 # What the bundled folder needs to load with the package's registered classes.
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",
                "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "training_report.json")  # fmt: skip
-LICENCE_FILES = ("LICENSE", "NOTICE.md")  # of the Phi-3.5-mini-instruct tokenizer the model uses
+TOKENIZER_FAMILY = family("phi3")  # florence-vl-tiny uses the Phi-3.5-mini-instruct tokenizer, with its licence files
 # The trust_remote_code payload, from the installed package's own sources (never from the trained folder, whose copies
 # date from training), so that the bundle also loads where the package is not importable.
 PAYLOAD_FILES = {
@@ -75,10 +75,9 @@ def bundle_tiny(model_dir, target=None, hardware: str | None = None) -> Path:
             shutil.copyfile(model_dir / name, staging / name)
         config = json.loads((staging / "config.json").read_text())
         add_payload(staging, link=target.resolve() == default_bundle_dir().resolve())
-        tokenizer_assets = asset_dir("phi-3.5-mini-instruct")
-        for name in LICENCE_FILES:
+        for name in TOKENIZER_FAMILY.licence_files:
             stem, suffix = os.path.splitext(name)
-            shutil.copyfile(tokenizer_assets / name, staging / f"{stem}-phi-3.5-tokenizer{suffix}")
+            shutil.copyfile(TOKENIZER_FAMILY.asset_dir / name, staging / f"{stem}-phi-3.5-tokenizer{suffix}")
         (staging / "README.md").write_text(model_card(report, config, hardware))
         replace_dir(staging, target)
     finally:

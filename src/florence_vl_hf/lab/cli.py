@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ..cli import DEMO_QUESTION
+from ..families import FAMILY_NAMES
 
 _REMOTE_PIPELINE = """
 import json
@@ -130,8 +131,9 @@ def add_demo_parser(commands) -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", required=True,
                       help="folder to write: original/ (the tiny checkpoint) and converted/ (the Hub-ready folder)")
     demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
-    demo.add_argument("--llm", default="phi3", choices=["phi3", "llama"],
-                      help="language model family of the tiny checkpoint: Phi-3.5 or Llama-3.1 (default: phi3)")
+    demo.add_argument("--llm", default="phi3", choices=FAMILY_NAMES,
+                      help="language model family of the tiny checkpoint: phi3 (Phi-3.5) or llama3 (Llama-3.1) "
+                      "(default: phi3)")
     demo.add_argument("--image-size", type=int, default=64,
                       help="side in pixels of the square input image of the tiny checkpoint (default: 64)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
@@ -148,8 +150,9 @@ def add_fixture_parser(commands) -> argparse.ArgumentParser:
         "make-fixture", help="write a tiny random checkpoint in the original Florence-VL layout (for tests and demos)"
     )
     fixture.add_argument("output_dir", help="folder to write (refused if not empty, unless --overwrite)")
-    fixture.add_argument("--llm", default="phi3", choices=["phi3", "llama"],
-                         help="language model family: llava_phi (Phi-3.5) or llava_llama (Llama-3.1) (default: phi3)")
+    fixture.add_argument("--llm", default="phi3", choices=FAMILY_NAMES,
+                         help="language model family: phi3 (llava_phi, Phi-3.5) or llama3 (llava_llama, Llama-3.1) "
+                         "(default: phi3)")
     fixture.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     fixture.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                          help="dtype of the written weights (default: bfloat16)")

@@ -177,7 +177,7 @@ def make_fixture(
         raise ValueError(f"weights_format must be 'safetensors' or 'bin', got {weights_format!r}")
     torch_dtype = DTYPES[dtype]
     generator = torch.Generator().manual_seed(seed)
-    tiny = tiny_config(llm_family.model_type, image_size=image_size)
+    tiny = tiny_config(llm_family.name, image_size=image_size)
     florence2_config = Florence2Config(
         vision_config=tiny.vision_config.vision_config.to_dict(), text_config=tiny.vision_config.text_config.to_dict()
     )

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from ..build import build_random_model, save_hub_folder
+from ..families import family
 from ..files import replace_dir, sibling_prefix, write_text_atomic
 from ..modeling import FlorenceVLConfig
 from .shapes import Scene, make_shapes_data, position_pairs
@@ -65,18 +66,19 @@ TINY_VISION = {
         "eos_token_id": 2,
     },
 }
+TINY_FAMILY = family("phi3")
 TINY_TEXT = {
-    "model_type": "phi3",
-    "vocab_size": 32064,
+    "model_type": TINY_FAMILY.model_type,
+    "vocab_size": TINY_FAMILY.checkpoint_vocab_size,
     "hidden_size": 128,
     "intermediate_size": 512,
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "num_key_value_heads": 4,
     "max_position_embeddings": 512,
-    "pad_token_id": 32000,
-    "bos_token_id": 1,
-    "eos_token_id": 32000,
+    "pad_token_id": TINY_FAMILY.pad_token_id,
+    "bos_token_id": TINY_FAMILY.bos_token_id,
+    "eos_token_id": TINY_FAMILY.eos_token_id,
     "tie_word_embeddings": True,
 }
 TINY_IMAGE_SIZE = 128
@@ -87,6 +89,7 @@ def tiny_shapes_config(fusion: str = "channel", vision_feature_sources=None) -> 
     return FlorenceVLConfig(
         vision_config=TINY_VISION,
         text_config=TINY_TEXT,
+        image_token_id=TINY_FAMILY.image_token_id,
         image_size=TINY_IMAGE_SIZE,
         fusion=fusion,
         vision_feature_sources=vision_feature_sources,
@@ -235,7 +238,7 @@ def _stage(model, processor, data, folder, stage, steps, lr, recipe, checkpoints
     args = training_arguments(
         checkpoints,
         stage,
-        "phi3",
+        TINY_FAMILY.name,
         global_batch_size=recipe.batch_size,
         per_device_train_batch_size=recipe.batch_size,
         max_steps=steps,

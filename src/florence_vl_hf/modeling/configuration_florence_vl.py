@@ -103,8 +103,11 @@ class FlorenceVLConfig(PreTrainedConfig):
         text_config: config of the language model, any causal LM (default: Phi-3 mini shapes).
         image_token_id: id of the ``<image>`` placeholder token in ``input_ids``.
         image_size: side of the square input image; with the DaViT strides it fixes the number of image tokens.
-        task_prompt_names / task_prompt_ids: the Florence-2 task prompts (names and padded token ids) whose encoder
-            outputs are the breadth features. Used when the processor does not send ``task_prompt_ids``.
+        task_prompt_names / task_prompt_texts / task_prompt_ids: the Florence-2 task prompts (names, texts, and
+            token ids padded to one length) whose encoder outputs are the breadth features; the ids are used when
+            the processor does not send ``task_prompt_ids``. Without texts, the original's prompts get their
+            original texts (configs saved before the texts were kept); other prompts need theirs to build a
+            processor.
         task_prompt_attend_padding: the original attends to every prompt position, padding included (``True``).
         vision_feature_sources: which feature sets are fused, in order: ``"depth"`` (the projected DaViT tokens) and
             any of ``task_prompt_names``.
@@ -129,6 +132,7 @@ class FlorenceVLConfig(PreTrainedConfig):
     image_token_id: int = 32011
     image_size: int = 768
     task_prompt_names: list[str] | None = None
+    task_prompt_texts: list[str] | None = None
     task_prompt_ids: list[list[int]] | None = None
     task_prompt_attend_padding: bool = True
     vision_feature_sources: list[str] | None = None
@@ -142,6 +146,9 @@ class FlorenceVLConfig(PreTrainedConfig):
         if self.task_prompt_names is None and self.task_prompt_ids is None:
             self.task_prompt_names = list(DEFAULT_TASK_PROMPTS)
             self.task_prompt_ids = [list(ids) for ids in DEFAULT_TASK_PROMPT_IDS]
+        names = self.task_prompt_names or []
+        if self.task_prompt_texts is None and all(name in DEFAULT_TASK_PROMPTS for name in names):
+            self.task_prompt_texts = [DEFAULT_TASK_PROMPTS[name] for name in names]
         if self.vision_feature_sources is None:
             self.vision_feature_sources = [DEPTH_FEATURE, *(self.task_prompt_names or [])]
         if SubConfigSpec is None:
@@ -172,6 +179,9 @@ class FlorenceVLConfig(PreTrainedConfig):
             raise ValueError(
                 f"task_prompt_names {names} and task_prompt_ids ({len(ids)} rows) must have one unique name per row"
             )
+        texts = self.task_prompt_texts
+        if texts is not None and (len(texts) != len(names) or not all(isinstance(text, str) for text in texts)):
+            raise ValueError(f"task_prompt_texts {texts} must give one text (a string) per task prompt name {names}")
         if DEPTH_FEATURE in names:
             raise ValueError(f"'{DEPTH_FEATURE}' is reserved for the DaViT feature and cannot name a task prompt")
         if len({len(row) for row in ids}) > 1:

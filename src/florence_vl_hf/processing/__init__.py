@@ -1,33 +1,37 @@
 """Building a Florence-VL processor from a tokenizer and a model config (not part of the Hub payload)."""
 
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
-from ..modeling.configuration_florence_vl import DEFAULT_TASK_PROMPTS
+from ..families import FAMILY_NAMES, LLMFamily, family, family_of
 from .processing_florence_vl import FlorenceVLProcessor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BICUBIC = 3
-CHAT_TEMPLATES = ("phi3", "llama3")
-# The LLM families of the official checkpoints and their conversation format.
-TEMPLATE_FOR_MODEL_TYPE = {"phi3": "phi3", "llama": "llama3"}
 IMAGE_TOKEN = "<image>"
+FLORENCE2_ASSETS = "florence-2-large"
 
 
 def asset_dir(name: str) -> Path:
-    """Folder of a bundled tokenizer/config set: 'phi-3.5-mini-instruct', 'llama-3.1-8b-instruct', 'florence-2-large'."""
+    """Folder of a bundled tokenizer/config set, e.g. 'florence-2-large' (an LLM family's: `family(name).asset_dir`)."""
     path = Path(str(resources.files("florence_vl_hf") / "assets" / name))
     if not path.is_dir():
         raise FileNotFoundError(f"No bundled assets named {name!r} in {path.parent}")
     return path
 
 
+def bundled_file(name: str) -> Path:
+    """A file of the bundled assets: 'shapes.png', 'shapes_vqa_example.json', 'shapes_vqa_example.png'."""
+    return Path(str(resources.files("florence_vl_hf") / "assets" / name))
+
+
 def sample_image_path() -> Path:
     """The bundled test image: a red circle, a blue square, a green triangle and the word SHAPES."""
-    return Path(str(resources.files("florence_vl_hf") / "assets" / "shapes.png"))
+    return bundled_file("shapes.png")
 
 
 def sample_image():
@@ -39,18 +43,19 @@ def sample_image():
 
 
 def load_chat_template(name: str) -> str:
-    if name not in CHAT_TEMPLATES:
-        raise ValueError(f"Unknown chat template {name!r}; choose one of {CHAT_TEMPLATES}")
+    """The chat template of the LLM family `name` ("phi3" or "llama3")."""
+    family(name)
     return (resources.files("florence_vl_hf.processing") / "chat_templates" / f"{name}.jinja").read_text()
 
 
-def template_for_text_config(text_config) -> str:
+def family_for(config, template: str | None = None) -> LLMFamily:
+    """The LLM family named `template`, or by default the family of the config's LLM."""
+    if template is not None:
+        return family(template)
     try:
-        return TEMPLATE_FOR_MODEL_TYPE[text_config.model_type]
-    except KeyError:
-        raise ValueError(
-            f"No default chat template for a {text_config.model_type!r} LLM; pass template= one of {CHAT_TEMPLATES}"
-        ) from None
+        return family_of(config.text_config)
+    except ValueError as error:
+        raise ValueError(f"{error}: pass template= one of {FAMILY_NAMES}") from None
 
 
 def florence2_image_processor(image_size: int = 768) -> CLIPImageProcessorPil:
@@ -89,15 +94,41 @@ def encode_task_prompts(texts: list[str], florence_tokenizer) -> list[list[int]]
     return [list(row) for row in encoded]
 
 
+@lru_cache(maxsize=1)
+def florence2_tokenizer():
+    """The bundled Florence-2 tokenizer (Florence-2-large's), which encodes the task prompts."""
+    return AutoTokenizer.from_pretrained(str(asset_dir(FLORENCE2_ASSETS)))
+
+
+def check_task_prompts(config) -> None:
+    """Refuse a config whose task prompt texts are missing, or do not encode to its task prompt ids."""
+    names, texts, ids = config.task_prompt_names or [], config.task_prompt_texts, config.task_prompt_ids or []
+    if texts is None:
+        raise ValueError(
+            f"The config has no task_prompt_texts for its task prompts {names}: the processor needs their texts "
+            "(FlorenceVLConfig(task_prompt_texts=...))"
+        )
+    if not names:
+        return
+    for name, text, expected, encoded in zip(names, texts, ids, encode_task_prompts(texts, florence2_tokenizer())):
+        if encoded != list(expected):
+            raise ValueError(
+                f"Task prompt {name!r}: its text {text!r} encodes to {encoded} with the Florence-2 tokenizer, but the "
+                f"config's task_prompt_ids give {list(expected)} (encode_task_prompts gives the ids of texts)"
+            )
+
+
 def build_processor(config, tokenizer=None, template: str | None = None) -> FlorenceVLProcessor:
     """A processor matching `config` (a FlorenceVLConfig): image size, token count, image token id, task prompts.
 
-    `tokenizer` is a tokenizer object or a folder; by default the bundled Phi-3.5 or Llama-3.1 tokenizer matching
-    the config's LLM. The config's `image_token_id` is updated to the tokenizer's `<image>` id.
+    `tokenizer` is a tokenizer object or a folder; by default the bundled tokenizer of the config's LLM family
+    (`template`, "phi3" or "llama3", names the family otherwise; it also picks the chat template). The config is
+    read, never changed: ValueError when its `image_token_id` is not the tokenizer's `<image>` id, when its LLM
+    embeds fewer rows than the tokenizer has, or when its task prompt texts do not encode to its task prompt ids.
     """
-    template = template or template_for_text_config(config.text_config)
+    llm_family = family_for(config, template)
     if tokenizer is None:
-        tokenizer = asset_dir({"phi3": "phi-3.5-mini-instruct", "llama3": "llama-3.1-8b-instruct"}[template])
+        tokenizer = llm_family.asset_dir
     if isinstance(tokenizer, (str, Path)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     tokenizer = prepare_tokenizer(tokenizer)
@@ -106,28 +137,37 @@ def build_processor(config, tokenizer=None, template: str | None = None) -> Flor
             f"The tokenizer has {len(tokenizer)} tokens (with {IMAGE_TOKEN}) but the LLM embeds only "
             f"{config.text_config.vocab_size}: resize the model's token embeddings first"
         )
-    processor = FlorenceVLProcessor(
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if config.image_token_id != image_token_id:
+        raise ValueError(
+            f"The config's image_token_id is {config.image_token_id} but the tokenizer's {IMAGE_TOKEN} id is "
+            f"{image_token_id}: build the config with image_token_id={image_token_id}"
+        )
+    check_task_prompts(config)
+    return FlorenceVLProcessor(
         image_processor=florence2_image_processor(config.image_size),
         tokenizer=tokenizer,
-        chat_template=load_chat_template(template),
+        chat_template=load_chat_template(llm_family.name),
         image_token=IMAGE_TOKEN,
         num_image_tokens=config.num_image_tokens,
         task_prompt_names=list(config.task_prompt_names),
-        task_prompt_texts=[DEFAULT_TASK_PROMPTS.get(name, name) for name in config.task_prompt_names],
+        task_prompt_texts=list(config.task_prompt_texts),
         task_prompt_ids=config.task_prompt_ids,
         # The original used the slow sentencepiece tokenizer for Phi-3.5 (see FlorenceVLProcessor).
-        sentencepiece_leading_space=template == "phi3",
+        sentencepiece_leading_space=llm_family.sentencepiece_leading_space,
     )
-    config.image_token_id = processor.image_token_id
-    return processor
 
 
 __all__ = [
     "FlorenceVLProcessor",
     "asset_dir",
     "build_processor",
+    "bundled_file",
+    "check_task_prompts",
     "encode_task_prompts",
+    "family_for",
     "florence2_image_processor",
+    "florence2_tokenizer",
     "sample_image",
     "sample_image_path",
     "load_chat_template",

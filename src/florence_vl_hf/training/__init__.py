@@ -10,13 +10,12 @@ from .data import (
     load_conversations,
     tokenize_sample,
 )
-from .lora import LORA_TARGETS, apply_lora, lora_target_modules
+from .lora import apply_lora, lora_target_modules
 from .stages import PAPER_RECIPES, STAGES, StageRecipe, apply_stage, paper_recipe
 from .trainer import FlorenceVLTrainer
 
 __all__ = [
     "IGNORE_INDEX",
-    "LORA_TARGETS",
     "PAPER_RECIPES",
     "STAGES",
     "ConversationDataset",

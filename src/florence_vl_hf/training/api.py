@@ -12,6 +12,7 @@ from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_availab
 from ..build import save_hub_folder
 from ..cards import complete_adapter_card
 from ..errors import CommandError
+from ..families import FAMILIES, FAMILY_NAMES
 from .data import ConversationDataset, FlorenceVLDataCollator, ImageCache
 from .lora import apply_lora
 from .stages import apply_stage, check_stage, paper_recipe
@@ -39,12 +40,14 @@ def _has_accelerator() -> bool:
 
 
 def llm_template(processor) -> str:
-    """"phi3" or "llama3": the chat format of the processor's LLM."""
+    """"phi3" or "llama3": the LLM family whose chat template the processor holds (by its `assistant_marker`)."""
     template = processor.chat_template or ""
-    for name, marker in (("phi3", "<|assistant|>"), ("llama3", "<|start_header_id|>")):
-        if marker in template:
-            return name
-    raise ValueError("The processor's chat template is neither the phi3 nor the llama3 Florence-VL template")
+    for candidate in FAMILIES.values():
+        if candidate.assistant_marker in template:
+            return candidate.name
+    raise ValueError(
+        f"The processor's chat template is neither the {' nor the '.join(FAMILY_NAMES)} Florence-VL template"
+    )
 
 
 def training_arguments(
@@ -56,7 +59,7 @@ def training_arguments(
     world_size: int | None = None,
     **overrides,
 ) -> TrainingArguments:
-    """TrainingArguments with the paper's recipe for `stage` and `llm` ("phi3"/"llama3") as defaults.
+    """TrainingArguments with the paper's recipe for `stage` and the LLM family `llm` ("phi3"/"llama3") as defaults.
 
     The global batch is reached by gradient accumulation: `global_batch_size / (per_device_train_batch_size *
     world_size)` steps; a global batch that is no multiple of `per_device_train_batch_size * world_size` is refused

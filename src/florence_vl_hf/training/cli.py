@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .data import TEMPLATES
 from .stages import STAGES
 
 
@@ -27,7 +28,7 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
     source.add_argument("--config", help="a FlorenceVLConfig (config.json or its folder): start from random weights")
     source.add_argument("--florence2", help="a Florence-2 checkpoint; with --language-model, build from parts")
     parser.add_argument("--language-model", help="a causal LM checkpoint (with --florence2)")
-    parser.add_argument("--template", choices=("plain", "phi3", "llama3"), help="default: plain for pretrain, "
+    parser.add_argument("--template", choices=TEMPLATES, help="default: plain for pretrain, "
                         "the LLM's chat format for finetune")  # fmt: skip
     parser.add_argument("--model-max-length", type=int, help="default 2048")
     parser.add_argument("--global-batch-size", type=int, help="default: the paper's for the stage and LLM")
@@ -77,7 +78,7 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
 
 def _load(args):
     from ..build import build_random_model, generation_config_for
-    from ..processing import template_for_text_config
+    from ..families import family_of
 
     if args.model:
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -94,7 +95,7 @@ def _load(args):
     from .. import from_pretrained_parts
 
     model, processor = from_pretrained_parts(args.florence2, args.language_model, seed=args.seed)
-    model.generation_config = generation_config_for(template_for_text_config(model.config.text_config))
+    model.generation_config = generation_config_for(family_of(model.config.text_config).name)
     return model, processor
 
 

@@ -24,8 +24,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from ..families import FAMILY_NAMES
+
 IGNORE_INDEX = -100
-TEMPLATES = ("plain", "phi3", "llama3")
+# "plain" is the stage-1 training format; the others are the LLM families' chat templates.
+TEMPLATES = ("plain", *FAMILY_NAMES)
 ROLES = {"human": "user", "gpt": "assistant"}
 
 logger = logging.getLogger(__name__)

@@ -2,24 +2,19 @@
 
 import re
 
-# Linear layers of each LLM family that LoRA adapts by default: every attention and MLP projection.
-LORA_TARGETS = {
-    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-}
+from ..families import family_of
+
 PROJECTOR = "multi_modal_projector"
 VISION_TOWER = "vision_tower"
 
 
 def lora_target_modules(text_config, names=None) -> str:
     """A PEFT `target_modules` regex matching the named linear layers inside the language model only (never the
-    vision tower's or the projector's)."""
+    vision tower's or the projector's); by default its family's attention and MLP projections (`lora_targets`)."""
     if names is None:
         try:
-            names = LORA_TARGETS[text_config.model_type]
-        except KeyError:
+            names = family_of(text_config).lora_targets
+        except ValueError:
             raise ValueError(
                 f"No default LoRA targets for a {text_config.model_type!r} LLM; pass target module names"
             ) from None

@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from ..families import FAMILY_NAMES
+
 STAGES = ("pretrain", "finetune")
 VISION_TOWER_PREFIX = "vision_tower."
 
@@ -25,6 +27,7 @@ class StageRecipe:
     model_max_length: int = 2048
 
 
+# By LLM family and stage: stage 1 trains on the "plain" captions, stage 2 on the family's own chat template.
 PAPER_RECIPES = {
     ("phi3", "pretrain"): StageRecipe(template="plain", global_batch_size=4096, learning_rate=1e-4),
     ("phi3", "finetune"): StageRecipe(template="phi3", global_batch_size=2048, learning_rate=9e-5),
@@ -39,8 +42,7 @@ def paper_recipe(llm_template: str, stage: str) -> StageRecipe:
     try:
         return PAPER_RECIPES[(llm_template, stage)]
     except KeyError:
-        families = sorted({family for family, _ in PAPER_RECIPES})
-        raise ValueError(f"No paper recipe for LLM template {llm_template!r}; known: {families}") from None
+        raise ValueError(f"No paper recipe for LLM family {llm_template!r}; known: {list(FAMILY_NAMES)}") from None
 
 
 def check_stage(stage: str) -> None:
