@@ -108,7 +108,7 @@ def feature_subsets(names: Sequence[str] = FEATURE_NAMES) -> dict[str, tuple[str
 
 def _base_model(model):
     inner = getattr(model, "model", None)
-    return inner if inner is not None and hasattr(inner, "vision_tower") else model
+    return inner if inner is not None and hasattr(inner, "language_model") else model
 
 
 def _open_image(image) -> Image.Image:
@@ -135,9 +135,10 @@ def extract_features(
     Storing one pooled vector per feature is exact for the alignment loss because P is linear (affine):
     mean_t(W x_t + b) = W mean_t(x_t) + b, so projecting then pooling equals pooling then projecting.
 
-    The vision tower gets every task prompt of the config (whatever ``vision_feature_sources`` selects), with the
-    padding mask the model itself would use. Captions are right-padded within a batch, so their positions start at
-    0 and, the LLM being causal, the padding cannot reach the real tokens; the mean runs over the real tokens only.
+    The vision features are the model's own ``get_image_features(..., return_source_features=True)``: every task
+    prompt of the config (whatever ``vision_feature_sources`` selects), as fusion would receive them. Captions are
+    right-padded within a batch (the tokenizer's ``pad``), so their positions start at 0 and, the LLM being causal,
+    the padding cannot reach the real tokens; the mean runs over the real tokens only.
     """
     if len(images) != len(captions):
         raise ValueError(f"got {len(images)} images and {len(captions)} captions: one caption per image")
@@ -146,7 +147,6 @@ def extract_features(
     base = _base_model(model)
     names = feature_names(base.config)
     device, dtype = next(model.parameters()).device, model.dtype
-    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     vision = {name: [] for name in names}
     text = []
     was_training = model.training
@@ -156,7 +156,7 @@ def extract_features(
             for start in range(0, len(images), batch_size):
                 pooled, pooled_text = _pooled_batch(
                     base, processor, images[start : start + batch_size], captions[start : start + batch_size],
-                    device, dtype, pad_id, first_index=start,
+                    device, dtype, first_index=start,
                 )  # fmt: skip
                 for name, feature in zip(names, pooled):
                     vision[name].append(feature)
@@ -175,7 +175,7 @@ def extract_features(
     )
 
 
-def _pooled_batch(base, processor, images, captions, device, dtype, pad_id, first_index=0):
+def _pooled_batch(base, processor, images, captions, device, dtype, first_index=0):
     """One batch: ([depth, *breadth] pooled over image tokens, caption states pooled over real tokens), CPU float32."""
     config = base.config
     num_prompts = len(config.task_prompt_names or [])
@@ -185,29 +185,20 @@ def _pooled_batch(base, processor, images, captions, device, dtype, pad_id, firs
     if prompt_ids.shape[1] != num_prompts:
         raise ValueError(f"the processor sends {prompt_ids.shape[1]} task prompts but the config names {num_prompts} "
                          f"({config.task_prompt_names})")  # fmt: skip
-    prompt_mask = None
-    if not config.task_prompt_attend_padding:  # as FlorenceVLModel does
-        prompt_mask = (prompt_ids != config.vision_config.text_config.pad_token_id).long()
-    depth, breadth, _ = base.vision_tower(inputs["pixel_values"].to(device, dtype), prompt_ids, prompt_mask)
-    features = [depth, *breadth.unbind(1)]
-    if not config.include_average_image_token:
-        features = [feature[:, 1:] for feature in features]
-    pooled = [feature.float().mean(dim=1).cpu() for feature in features]
+    sources = base.get_image_features(
+        inputs["pixel_values"].to(device, dtype), task_prompt_ids=prompt_ids, return_source_features=True
+    ).source_features
+    pooled = [sources[name].float().mean(dim=1).cpu() for name in feature_names(config)]
 
     sequences = processor.tokenizer(list(captions))["input_ids"]
     empty = [first_index + i for i, ids in enumerate(sequences) if not ids]
     if empty:
         raise ValueError(f"captions {empty} have no tokens")
-    length = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, ids in enumerate(sequences):  # right padding
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
+    text = processor.tokenizer.pad({"input_ids": sequences}, padding=True, padding_side="right", return_tensors="pt")
     hidden = base.language_model(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+        input_ids=text["input_ids"].to(device), attention_mask=text["attention_mask"].to(device)
     ).last_hidden_state.float()
-    mask = attention_mask.to(device, hidden.dtype).unsqueeze(-1)
+    mask = text["attention_mask"].to(device, hidden.dtype).unsqueeze(-1)
     return pooled, ((hidden * mask).sum(dim=1) / mask.sum(dim=1)).cpu()
 
 

@@ -17,12 +17,13 @@ reply is unusable (the original masks it: here it is skipped and reported).
 import json
 import logging
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
+
+from ..modeling.modeling_florence_vl import LRUCache
 
 IGNORE_INDEX = -100
 TEMPLATES = ("plain", "phi3", "llama3")
@@ -152,31 +153,14 @@ def tokenize_sample(
     return ids, labels
 
 
-class ImageCache:
-    """Preprocessed `pixel_values` of the `max_images` most recently used images, keyed by file path.
+class ImageCache(LRUCache):
+    """Preprocessed `pixel_values` of the `max_images` most recently used images, keyed by file path (`get`, `put`).
 
     Later epochs, and every other question about the same image, then skip decoding, padding and resizing (for a
     small model on a CPU, 10-20% of a training step). Share one between datasets (stage 1 and stage 2 of the same
-    images). Each image takes `3 * image_size**2 * 4` bytes (196 KB at 128 px).
+    images). Each image takes `3 * image_size**2 * 4` bytes (196 KB at 128 px). The eviction is the model's own
+    (`LRUCache`, which the vision feature cache uses too).
     """
-
-    def __init__(self, max_images: int):
-        if max_images < 1:
-            raise ValueError(f"max_images must be at least 1, got {max_images}")
-        self.max_images = max_images
-        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-
-    def get(self, key: str) -> torch.Tensor | None:
-        value = self.entries.get(key)
-        if value is not None:
-            self.entries.move_to_end(key)
-        return value
-
-    def put(self, key: str, value: torch.Tensor) -> None:
-        self.entries[key] = value
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.max_images:
-            self.entries.popitem(last=False)
 
 
 def image_pixel_values(processor, path: Path, image_cache: ImageCache | None = None) -> torch.Tensor:
