@@ -267,27 +267,26 @@ class ConversationDataset(Dataset):
 
 @dataclass
 class FlorenceVLDataCollator:
-    """Pads examples on the right into `input_ids`, `attention_mask`, `labels` (-100 on padding), and stacks the
-    images of the samples that have one into `pixel_values`, with a row of task prompt ids per image."""
+    """Pads examples on the right into `input_ids`, `attention_mask` (the tokenizer's `pad`), `labels` (IGNORE_INDEX
+    on padding), and stacks the images of the samples that have one into `pixel_values`, with a row of task prompt
+    ids per image."""
 
     processor: object
     pad_to_multiple_of: int | None = None
 
     def __call__(self, examples: list[dict]) -> dict:
-        longest = max(len(example["input_ids"]) for example in examples)
-        if self.pad_to_multiple_of:
-            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        pad_id = self.processor.tokenizer.pad_token_id
-        batch = {
-            "input_ids": torch.full((len(examples), longest), pad_id, dtype=torch.long),
-            "attention_mask": torch.zeros((len(examples), longest), dtype=torch.long),
-            "labels": torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long),
-        }
+        padded = self.processor.tokenizer.pad(
+            {"input_ids": [example["input_ids"] for example in examples]},
+            padding=True,
+            pad_to_multiple_of=self.pad_to_multiple_of or None,
+            padding_side="right",
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        batch = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+        batch["labels"] = torch.full_like(batch["input_ids"], IGNORE_INDEX)  # the tokenizer pads token ids only
         for row, example in enumerate(examples):
-            length = len(example["input_ids"])
-            batch["input_ids"][row, :length] = torch.tensor(example["input_ids"])
-            batch["attention_mask"][row, :length] = 1
-            batch["labels"][row, :length] = torch.tensor(example["labels"])
+            batch["labels"][row, : len(example["labels"])] = torch.tensor(example["labels"])
         images = [example["pixel_values"] for example in examples if example.get("pixel_values") is not None]
         if images:
             batch["pixel_values"] = torch.cat(images)
