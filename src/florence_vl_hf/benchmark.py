@@ -6,7 +6,7 @@ For each model shape, one random-weight checkpoint is written three ways and loa
   no Florence-2 decoder or LM head);
 - original: the algorithm as the original code runs it (`conversion/reference.py`, the verification's reference too),
   expressed with transformers' native `Florence2ForConditionalGeneration` (decoder included) called through
-  `generate(max_new_tokens=1)` on [image tokens; task prompt] for each of the three prompts, over every image
+  `generate(max_new_tokens=1)` on the three [image tokens; task prompt] inputs of every image, in one call
   (attending to every position, as the original does), the DaViT tokens and encoder outputs captured on the way;
   then the original's projector (`nn.Sequential` of Linear and GELU) and the LLM on `inputs_embeds`;
 - bare LLM: `AutoModelForCausalLM` with the same text weights, decoding as many tokens from the same cache length.
@@ -252,9 +252,10 @@ def _projector_layers(folder: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 class Original:
-    """The original algorithm on the same weights (`conversion/reference.py`): full Florence-2 through
-    generate(max_new_tokens=1) per task prompt, the original's projector, then the LLM on inputs_embeds. The LLM
-    alone is the bare-LLM baseline (`decode`, `scaling_first_token`)."""
+    """The original algorithm on the same weights (`conversion/reference.py`): full Florence-2 through one
+    generate(max_new_tokens=1) over the [image; prompt] rows of every image and task prompt, the original's
+    projector, then the LLM on inputs_embeds. The LLM alone is the bare-LLM baseline (`decode`,
+    `scaling_first_token`)."""
 
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype):
         self.config = FlorenceVLConfig.from_pretrained(folder / "florence_vl")
@@ -265,7 +266,7 @@ class Original:
         self.llm = AutoModelForCausalLM.from_pretrained(folder / "llm", dtype=dtype).to(device).eval()
         self.projector = mlp_projector(_projector_layers(folder / "florence_vl")).to(device, dtype).eval()
         self.reference_vision = OriginalVision(self.florence2, self.projector, self.config.task_prompt_names,
-                                               self.config.vision_feature_sources)  # fmt: skip
+                                               self.config.vision_feature_sources, batch_prompts=True)  # fmt: skip
         self.reference_llm = OriginalLLM(self.llm, self.config.image_token_id)
 
     def modules(self):

@@ -1,7 +1,8 @@
 """The original algorithm (conversion/reference.py) against the model on a tiny random model: both built from the same
 native Florence-2 and LLM checkpoints, Florence-VL through `from_pretrained_parts`, the reference straight from them
 with the projector's tensors. Both settings the reference supports: the original's tokens (with Florence-2's
-average-image token) and the patch tokens only."""
+average-image token) and the patch tokens only; and both groupings of its Florence-2 calls (the verification's, one
+call per prompt, and the bench's, one call for all)."""
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def parts(request, tmp_path_factory):
     return request.param, folder
 
 
-def build(parts, include_average_image_token):
+def build(parts, include_average_image_token, batch_prompts=False):
     llm, folder = parts
     assets, template = ASSETS[llm]
     model, processor = from_pretrained_parts(
@@ -49,6 +50,7 @@ def build(parts, include_average_image_token):
     vision = OriginalVision(
         Florence2ForConditionalGeneration.from_pretrained(folder / "florence2").eval(), mlp_projector(layers),
         prompt_names=model.config.task_prompt_names, include_average_image_token=include_average_image_token,
+        batch_prompts=batch_prompts,
     )  # fmt: skip
     language = OriginalLLM(AutoModelForCausalLM.from_pretrained(folder / "llm").eval(), model.config.image_token_id)
     return model.eval(), processor, vision, language
@@ -63,9 +65,10 @@ def chats(processor):
                                          return_tensors="pt", padding=True)  # fmt: skip
 
 
-@pytest.mark.parametrize("include_average_image_token", [True, False])
-def test_the_reference_and_the_model_agree(parts, include_average_image_token):
-    model, processor, vision, language = build(parts, include_average_image_token)
+@pytest.mark.parametrize("batch_prompts", [False, True], ids=["call-per-prompt", "one-call"])
+@pytest.mark.parametrize("include_average_image_token", [True, False], ids=["all-tokens", "patch-tokens"])
+def test_the_reference_and_the_model_agree(parts, include_average_image_token, batch_prompts):
+    model, processor, vision, language = build(parts, include_average_image_token, batch_prompts)
     inputs = chats(processor)
     pixel_values, prompts = inputs["pixel_values"], inputs["task_prompt_ids"]
     with torch.no_grad():
@@ -89,6 +92,8 @@ def test_the_reference_and_the_model_agree(parts, include_average_image_token):
         torch.testing.assert_close(ours.source_features[name], reference, atol=ATOL, rtol=0)
     torch.testing.assert_close(logits, reference_logits, atol=ATOL, rtol=0)
     assert torch.equal(tokens, reference_tokens)
+    if not batch_prompts:  # DaViT over the same batch of images as the model: float32 results are bit-identical
+        assert torch.equal(ours.pooler_output, features) and torch.equal(logits, reference_logits)
 
 
 def test_the_projector_has_the_original_layout_and_computes_linear_gelu_linear():

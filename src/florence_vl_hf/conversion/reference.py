@@ -6,8 +6,8 @@ original's task prompts):
 
 - vision (`OriginalVision`): transformers' native `Florence2ForConditionalGeneration`, decoder included, called
   as the original's vision tower calls its Florence-2 (llava/model/multimodal_encoder/florence_encoder.py):
-  `generate(max_new_tokens=1)` on [image tokens; task prompt] (one call per prompt, over all images), attending
-  to every position (prompt padding included). The depth feature (the DaViT tokens after Florence-2's image
+  `generate(max_new_tokens=1)` on [image tokens; task prompt] for every image and prompt, attending to every
+  position (prompt padding included). The depth feature (the DaViT tokens after Florence-2's image
   projection) and each prompt's encoder output at the image positions are read on the way, through forward hooks;
   they are concatenated along channels, depth first, and go through the original's projector (`mlp_projector`);
 - language (`OriginalLLM`): the projected features replace the `<image>` placeholders in the LLM's input
@@ -55,6 +55,11 @@ class OriginalVision:
     `sources` are fused in their order (default: depth, then every prompt: the original's).
     `include_average_image_token=False` drops Florence-2's spatial-average token from every source (the original
     keeps it).
+
+    `batch_prompts` only groups the same rows differently: True puts every [image; prompt] row in one `generate`
+    call, as the original calls it with all its prompt rows at once (DaViT then runs once per row: the bench's
+    original side); False makes one call per prompt over the images, so that DaViT runs on the batch of images
+    as in the model under test (in float32 the results are then bit-identical: the verification's exact check).
     """
 
     def __init__(
@@ -64,6 +69,7 @@ class OriginalVision:
         prompt_names: Sequence[str] = tuple(DEFAULT_TASK_PROMPTS),
         sources: Sequence[str] | None = None,
         include_average_image_token: bool = True,
+        batch_prompts: bool = False,
     ):
         self.florence2 = florence2
         self.projector = projector
@@ -73,6 +79,7 @@ class OriginalVision:
         if unknown:
             raise ValueError(f"unknown sources {unknown}: choose from {[DEPTH_FEATURE, *self.prompt_names]}")
         self.include_average_image_token = include_average_image_token
+        self.batch_prompts = batch_prompts
 
     def source_features(self, pixel_values: torch.Tensor, task_prompt_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """`{source: (num_images, tokens, width)}` for the depth feature and every prompt of `task_prompt_ids`
@@ -83,8 +90,7 @@ class OriginalVision:
                              f"{self.prompt_names}")  # fmt: skip
         florence2 = self.florence2
         num_tokens = florence2_image_tokens(florence2.config, pixel_values.shape[-1])
-        image_ids = task_prompt_ids.new_full((num_images, num_tokens), florence2.config.image_token_id)
-        captured, features = {}, {}
+        captured = {}
 
         def keep(name):
             def hook(module, args, output):
@@ -92,24 +98,34 @@ class OriginalVision:
 
             return hook
 
+        def encode(prompts, pixels):
+            """The encoder output at the image positions of [image tokens; prompt], one row per prompt row."""
+            image_ids = prompts.new_full((prompts.shape[0], num_tokens), florence2.config.image_token_id)
+            input_ids = torch.cat([image_ids, prompts], dim=1)
+            florence2.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                pixel_values=pixels,
+                max_new_tokens=1,
+                do_sample=False,
+                num_beams=1,
+            )
+            return captured["encoder"][:, :num_tokens]
+
         hooks = [florence2.model.multi_modal_projector.register_forward_hook(keep("depth")),
                  florence2.model.language_model.encoder.register_forward_hook(keep("encoder"))]  # fmt: skip
         try:
-            for row, name in enumerate(self.prompt_names):
-                input_ids = torch.cat([image_ids, task_prompt_ids[:, row]], dim=1)
-                florence2.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    pixel_values=pixel_values,
-                    max_new_tokens=1,
-                    do_sample=False,
-                    num_beams=1,
-                )
-                features[name] = captured["encoder"][:, :num_tokens]
+            if self.batch_prompts:
+                rows = encode(task_prompt_ids.flatten(0, 1), pixel_values.repeat_interleave(num_prompts, dim=0))
+                breadth = rows.unflatten(0, (num_images, num_prompts)).unbind(1)
+                depth = captured["depth"].unflatten(0, (num_images, num_prompts))[:, 0]  # one image, its rows alike
+            else:
+                breadth = [encode(task_prompt_ids[:, row], pixel_values) for row in range(num_prompts)]
+                depth = captured["depth"]  # every call computed the same DaViT tokens
         finally:
             for hook in hooks:
                 hook.remove()
-        features = {DEPTH_FEATURE: captured["depth"], **features}  # every call computed the same DaViT tokens
+        features = {DEPTH_FEATURE: depth, **dict(zip(self.prompt_names, breadth))}
         if not self.include_average_image_token:
             features = {name: feature[:, 1:] for name, feature in features.items()}
         return features
