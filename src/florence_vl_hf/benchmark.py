@@ -4,10 +4,11 @@ For each model shape, one random-weight checkpoint is written three ways and loa
 
 - ours: `FlorenceVLForConditionalGeneration` (DaViT once per image, the three task prompts in one BART-encoder call,
   no Florence-2 decoder or LM head);
-- original: the algorithm as the original code runs it, expressed with transformers' native
-  `Florence2ForConditionalGeneration` (decoder included) called through `generate(max_new_tokens=1)` on the three
-  [image tokens; task prompt] inputs of every image (attending to every position, as the original does), the DaViT
-  tokens and encoder outputs captured on the way; then the projector and the LLM on `inputs_embeds`;
+- original: the algorithm as the original code runs it (`conversion/reference.py`, the verification's reference too),
+  expressed with transformers' native `Florence2ForConditionalGeneration` (decoder included) called through
+  `generate(max_new_tokens=1)` on the three [image tokens; task prompt] inputs of every image, in one call
+  (attending to every position, as the original does), the DaViT tokens and encoder outputs captured on the way;
+  then the original's projector (`nn.Sequential` of Linear and GELU) and the LLM on `inputs_embeds`;
 - bare LLM: `AutoModelForCausalLM` with the same text weights, decoding as many tokens from the same cache length.
 
 Times are medians over repeats after a warm-up, with the implementations interleaved so that machine noise hits both
@@ -48,11 +49,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .build import save_hub_folder
 from .conversion.parts import from_pretrained_parts
+from .conversion.reference import OriginalLLM, OriginalVision, mlp_projector
 from .conversion.source import florence2_config, read_json
 from .families import family
 from .modeling import FlorenceVLConfig, FlorenceVLForConditionalGeneration
-from .modeling.configuration_florence_vl import DEPTH_FEATURE
-from .modeling.modeling_florence_vl import FlorenceVLMultiModalProjector
 from .processing import asset_dir, build_processor, florence2_image_processor, sample_image
 from .tiny import tiny_config
 
@@ -243,76 +243,47 @@ class Ours:
         return self.model(**inputs, mm_encoder_outputs=encoded, logits_to_keep=1)
 
 
+def _projector_layers(folder: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, bias) of each projector layer of the Florence-VL checkpoint in `folder` (one file, or shards)."""
+    prefix, state = "model.multi_modal_projector.linears.", {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as weights:
+            state.update({key[len(prefix):]: weights.get_tensor(key) for key in weights.keys()
+                          if key.startswith(prefix)})  # fmt: skip
+    return [(state[f"{index}.weight"], state[f"{index}.bias"]) for index in range(len(state) // 2)]
+
+
 class Original:
-    """The original algorithm on the same weights: full Florence-2 through generate(max_new_tokens=1) per prompt
-    row, the projector, then the LLM on inputs_embeds. The LLM alone is the bare-LLM baseline (`decode`,
+    """The original algorithm on the same weights (`conversion/reference.py`): full Florence-2 through one
+    generate(max_new_tokens=1) over the [image; prompt] rows of every image and task prompt, the original's
+    projector, then the LLM on inputs_embeds. The LLM alone is the bare-LLM baseline (`decode`,
     `scaling_first_token`)."""
 
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype):
-        self.florence2 = Florence2ForConditionalGeneration.from_pretrained(folder / "florence2", dtype=dtype)
-        self.florence2.to(device).eval()
-        self.llm = AutoModelForCausalLM.from_pretrained(folder / "llm", dtype=dtype).to(device).eval()
         self.config = FlorenceVLConfig.from_pretrained(folder / "florence_vl")
         if self.config.fusion != "channel" or not self.config.include_average_image_token:
             raise ValueError("the original algorithm is channel fusion over all tokens")
-        self.projector = FlorenceVLMultiModalProjector(self.config)
-        prefix = "model.multi_modal_projector."
-        state = {}
-        for path in sorted((folder / "florence_vl").glob("*.safetensors")):  # one file, or shards
-            with safe_open(str(path), "pt") as weights:
-                state.update({key[len(prefix):]: weights.get_tensor(key) for key in weights.keys()
-                              if key.startswith(prefix)})  # fmt: skip
-        self.projector.load_state_dict(state)
-        self.projector.to(device, dtype).eval()
-        self._captured = {}
-        self.florence2.model.multi_modal_projector.register_forward_hook(self._capture("depth"))
-        self.florence2.model.language_model.encoder.register_forward_hook(self._capture("encoder"))
-
-    def _capture(self, name):
-        def hook(module, args, output):
-            self._captured[name] = output if isinstance(output, torch.Tensor) else output.last_hidden_state
-
-        return hook
+        self.florence2 = Florence2ForConditionalGeneration.from_pretrained(folder / "florence2", dtype=dtype)
+        self.florence2.to(device).eval()
+        self.llm = AutoModelForCausalLM.from_pretrained(folder / "llm", dtype=dtype).to(device).eval()
+        self.projector = mlp_projector(_projector_layers(folder / "florence_vl")).to(device, dtype).eval()
+        self.reference_vision = OriginalVision(self.florence2, self.projector, self.config.task_prompt_names,
+                                               self.config.vision_feature_sources, batch_prompts=True)  # fmt: skip
+        self.reference_llm = OriginalLLM(self.llm, self.config.image_token_id)
 
     def modules(self):
         return [self.florence2, self.projector, self.llm]
 
     def vision(self, batch):
-        pixel_values, prompts = batch["pixel_values"], batch["task_prompt_ids"]
-        num_images, num_prompts, _ = prompts.shape
-        num_tokens = self.config.num_image_tokens
-        image_ids = prompts.new_full((num_images * num_prompts, num_tokens), self.florence2.config.image_token_id)
-        input_ids = torch.cat([image_ids, prompts.flatten(0, 1)], dim=1)
-        self.florence2.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            pixel_values=pixel_values.repeat_interleave(num_prompts, dim=0),
-            max_new_tokens=1,
-            do_sample=False,
-            num_beams=1,
-        )
-        depth = self._captured["depth"].unflatten(0, (num_images, num_prompts))[:, 0]
-        breadth = self._captured["encoder"][:, :num_tokens].unflatten(0, (num_images, num_prompts))
-        names = self.config.task_prompt_names
-        features = [depth if source == DEPTH_FEATURE else breadth[:, names.index(source)]
-                    for source in self.config.vision_feature_sources]  # fmt: skip
-        return self.projector(torch.cat(features, dim=-1))
-
-    def _embeds(self, batch, features):
-        input_ids = batch["input_ids"]
-        is_image = (input_ids == self.config.image_token_id).unsqueeze(-1)
-        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(is_image.squeeze(-1), 0))
-        return embeds.masked_scatter(is_image, features.to(embeds.dtype))
+        return self.reference_vision(batch["pixel_values"], batch["task_prompt_ids"])
 
     def first_token(self, batch):
-        embeds = self._embeds(batch, self.vision(batch))
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], max_new_tokens=1,
-                                 do_sample=False)  # fmt: skip
+        return self.reference_llm.generate(batch["input_ids"], batch["attention_mask"], self.vision(batch),
+                                           max_new_tokens=1)  # fmt: skip
 
     def generate(self, batch, tokens: int, **kwargs):
-        embeds = self._embeds(batch, self.vision(batch))
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], max_new_tokens=tokens,
-                                 min_new_tokens=tokens, do_sample=False, **kwargs)  # fmt: skip
+        return self.reference_llm.generate(batch["input_ids"], batch["attention_mask"], self.vision(batch),
+                                           max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)  # fmt: skip
 
     def decode(self, batch, tokens: int, **kwargs):
         """The bare LLM on the same token ids (the `<image>` placeholders are ordinary rows of its vocabulary)."""

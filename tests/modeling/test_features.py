@@ -1,11 +1,14 @@
 """The fused image features against an independent computation: transformers' own Florence2Model (same weights)
 computes the depth feature and each prompt's encoder output; fusion and the projector are applied by hand."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import Florence2Config, Florence2Model
 
+import florence_vl_hf
 from florence_vl_hf import FlorenceVLForConditionalGeneration
 from florence_vl_hf.tiny import tiny_config
 
@@ -154,3 +157,43 @@ def test_prompts_from_processor_or_config_give_the_same_features(pixel_values):
         other = model.get_image_features(pixel_values, task_prompt_ids=prompts.flip(1)).pooler_output
     assert torch.equal(from_config, from_inputs)
     assert not torch.allclose(from_config, other)  # the prompts really reach the encoder
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"vision_feature_sources": ["grounding", "depth"]}, {"include_average_image_token": False},
+     {"task_prompt_attend_padding": False, "fusion": "token"}],
+)  # fmt: skip
+def test_source_features_are_every_feature_before_fusion(pixel_values, overrides):
+    """`return_source_features=True` gives the depth feature and every task prompt's encoder output (also those the
+    config does not fuse), as fusion receives them; the fused output is the same as without it."""
+    model = build(**overrides)
+    attend = model.config.task_prompt_attend_padding
+    depth, breadth = native_features(native_florence2(model), pixel_values, model.config.task_prompt_ids, attend)
+    expected = {"depth": depth, **dict(zip(model.config.task_prompt_names, breadth))}
+    if not model.config.include_average_image_token:
+        expected = {name: feature[:, 1:] for name, feature in expected.items()}
+    with torch.no_grad():
+        plain = model.get_image_features(pixel_values)
+        out = model.get_image_features(pixel_values, return_source_features=True)
+    assert plain.source_features is None
+    assert list(out.source_features) == ["depth", "caption", "ocr", "grounding"]
+    for name, reference in expected.items():
+        torch.testing.assert_close(out.source_features[name], reference, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.pooler_output, plain.pooler_output, atol=ATOL, rtol=0)
+
+
+def test_source_features_bypass_the_vision_feature_cache(pixel_values):
+    model = build()
+    cache = model.enable_vision_feature_cache()
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values, return_source_features=True)
+    assert out.source_features is not None and not cache.entries and (cache.hits, cache.misses) == (0, 0)
+
+
+def test_nothing_outside_the_model_calls_its_vision_tower():
+    """Analysis code takes per-source features from `get_image_features(return_source_features=True)`."""
+    package = Path(florence_vl_hf.__file__).parent
+    callers = [str(path.relative_to(package)) for path in sorted(package.rglob("*.py"))
+               if path.parent.name not in ("modeling", "florence_vl_tiny") and "vision_tower(" in path.read_text()]
+    assert callers == []

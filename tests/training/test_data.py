@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import write_samples
 
+from florence_vl_hf.processing import template_for_text_config
 from florence_vl_hf.training import (
     IGNORE_INDEX,
     ConversationDataset,
@@ -197,3 +198,37 @@ def test_image_cache_drops_the_least_recently_used_image():
     assert cache.get("b") is None and cache.get("a") is a and cache.get("c") is c
     with pytest.raises(ValueError, match="max_images"):
         ImageCache(0)
+
+
+@pytest.mark.parametrize("pad_to_multiple_of", [None, 8])
+def test_collated_batch_equals_a_batch_padded_by_hand(tiny, data_folder, pad_to_multiple_of):
+    model, processor = tiny
+    folder, samples = data_folder
+    template = template_for_text_config(model.config.text_config)
+    dataset = ConversationDataset(samples, processor, template, image_folder=folder, original_masking=False)
+    examples = [dataset[1], dataset[2], dataset[0]]  # two rounds with an image, text only, a caption
+    batch = FlorenceVLDataCollator(processor, pad_to_multiple_of=pad_to_multiple_of)(examples)
+
+    longest = max(len(example["input_ids"]) for example in examples)
+    if pad_to_multiple_of:
+        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    pad = processor.tokenizer.pad_token_id
+    expected = {"input_ids": [], "attention_mask": [], "labels": []}
+    for example in examples:
+        missing = longest - len(example["input_ids"])
+        expected["input_ids"].append(example["input_ids"] + [pad] * missing)
+        expected["attention_mask"].append([1] * len(example["input_ids"]) + [0] * missing)
+        expected["labels"].append(example["labels"] + [IGNORE_INDEX] * missing)
+    assert list(batch) == ["input_ids", "attention_mask", "labels", "pixel_values", "task_prompt_ids"]
+    for key, rows in expected.items():
+        assert batch[key].dtype == torch.long and torch.equal(batch[key], torch.tensor(rows)), key
+    assert torch.equal(batch["pixel_values"], torch.cat([examples[0]["pixel_values"], examples[2]["pixel_values"]]))
+    assert torch.equal(batch["task_prompt_ids"], torch.tensor([processor.task_prompt_ids] * 2))
+
+
+def test_the_image_cache_and_the_vision_feature_cache_share_one_lru():
+    from florence_vl_hf import FlorenceVLVisionFeatureCache
+    from florence_vl_hf.modeling.modeling_florence_vl import LRUCache
+
+    assert issubclass(ImageCache, LRUCache) and issubclass(FlorenceVLVisionFeatureCache, LRUCache)
+    assert "put" not in vars(ImageCache) and "get" not in vars(ImageCache)

@@ -1,23 +1,22 @@
 """Verifying a conversion: the converted folder, loaded with the Auto classes, against an independent forward computed
 straight from the source tensors.
 
-The reference uses none of Florence-VL's modeling code: transformers' native Florence2ForConditionalGeneration
-(loaded with the source's Florence-2 weights, renamed to native names) computes the DaViT tokens and, as the original
-does through generate(max_new_tokens=1), the encoder output over [image tokens; task prompt]; the projector is
-applied by hand from the source's `mm_projector` tensors; the source LLM runs in its own transformers class with
-its vocabulary resized to the tokenizer, as the original loader does.
+The reference is the original's algorithm (`reference.py`, which uses none of Florence-VL's modeling code) on the
+source's weights: transformers' native Florence2ForConditionalGeneration loaded with the source's Florence-2 weights
+(renamed to native names), the original's projector built from the source's `mm_projector` tensors, and the source
+LLM in its own transformers class with its vocabulary resized to the tokenizer, as the original loader does.
 """
 
 import gc
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, AutoProcessor, Florence2ForConditionalGeneration
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ..processing import sample_image
 from .errors import VerificationError
 from .keys import LLAVA_VISION_PREFIX, TRANSPOSED_NATIVE_KEYS, florence2_to_native
+from .reference import OriginalLLM, OriginalVision, mlp_projector
 from .source import text_config_from_llava
 
 VERIFY_QUESTION = "Describe the image in detail."
@@ -25,7 +24,6 @@ GREEDY_TOKENS = 8
 # Largest allowed max|converted - reference| / max(1, max|reference|): float32 compute with bit-exact weights only
 # differs by kernel order; a lossy dtype cast or half-precision compute is bounded by that dtype's resolution.
 TOLERANCES = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
-_PRECISION_ORDER = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def tolerance_for(compute_dtype: torch.dtype, stored_dtype: torch.dtype, lossless: bool) -> float:
@@ -71,35 +69,30 @@ def _reference_florence2(source, native_state, dtype, device):
     return model.to(device).eval()
 
 
+def _llava_projector_layers(projector_state: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, bias) of each linear layer of the original's `encoder_mlp`: `encoder_mlp.0`, then `encoder_mlp.<i>.1`
+    (the Linear after each GELU)."""
+    layers = []
+    while True:
+        index = len(layers)
+        prefix = "model.mm_projector.encoder_mlp." + (f"{index}." if index == 0 else f"{index}.1.")
+        if prefix + "weight" not in projector_state:
+            return layers
+        layers.append((projector_state[prefix + "weight"], projector_state[prefix + "bias"]))
+
+
 @torch.no_grad()
 def reference_outputs(source, inputs, image_token_id, original_vocab, dtype, device, max_new_tokens, generation_kwargs):
-    native_state, projector, llm_state = _source_groups(source)
-    florence2 = _reference_florence2(source, native_state, dtype, device)
-    pixel_values = inputs["pixel_values"].to(device, dtype)
-    depth = florence2.get_image_features(pixel_values).pooler_output
-    num_images, num_tokens, _ = depth.shape
-    prompt_ids = inputs["task_prompt_ids"].to(device)
-    features = [depth]
-    for prompt in range(prompt_ids.shape[1]):
-        image_ids = torch.full((num_images, num_tokens), florence2.config.image_token_id, device=device)
-        encoder_input = torch.cat([image_ids, prompt_ids[:, prompt]], dim=1)
-        start = torch.full((num_images, 1), florence2.config.text_config.decoder_start_token_id, device=device)
-        out = florence2(input_ids=encoder_input, pixel_values=pixel_values, decoder_input_ids=start)
-        features.append(out.encoder_last_hidden_state[:, :num_tokens])
-    del florence2
+    """(image features, logits, greedy tokens, the LLM's class name) of the original algorithm on the source's
+    weights. Florence-2 is freed before the LLM is loaded."""
+    native_state, projector_state, llm_state = _source_groups(source)
+    vision = OriginalVision(
+        _reference_florence2(source, native_state, dtype, device),
+        mlp_projector(_llava_projector_layers(projector_state)).to(device, dtype),
+    )
+    image_features = vision(inputs["pixel_values"].to(device, dtype), inputs["task_prompt_ids"].to(device))
+    del vision, native_state
     gc.collect()
-
-    hidden = torch.cat(features, dim=-1)
-    depth_index = 0
-    while f"model.mm_projector.encoder_mlp.{depth_index}.weight" in projector or (
-        f"model.mm_projector.encoder_mlp.{depth_index}.1.weight" in projector
-    ):
-        prefix = "model.mm_projector.encoder_mlp." + (f"{depth_index}." if depth_index == 0 else f"{depth_index}.1.")
-        if depth_index:
-            hidden = F.gelu(hidden)
-        hidden = F.linear(hidden, projector[prefix + "weight"].to(device, dtype), projector[prefix + "bias"].to(device, dtype))
-        depth_index += 1
-    image_features = hidden
 
     config = text_config_from_llava(source.config)
     llm_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the LLM's own class, e.g. Phi3ForCausalLM
@@ -107,18 +100,13 @@ def reference_outputs(source, inputs, image_token_id, original_vocab, dtype, dev
     llm_state.clear()  # the source-dtype copies; the model holds its own
     llm = llm.to(device).eval()
     llm.resize_token_embeddings(original_vocab)  # what the original loader does
-    input_ids = inputs["input_ids"].to(device)
-    is_image = input_ids == image_token_id
-    embeds = llm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
-    embeds[is_image] = image_features.reshape(-1, image_features.shape[-1]).to(embeds.dtype)
-    attention_mask = inputs["attention_mask"].to(device)
-    logits = llm(inputs_embeds=embeds, attention_mask=attention_mask).logits
-    tokens = llm.generate(
-        inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
-        **generation_kwargs,
-    )  # fmt: skip
+    language = OriginalLLM(llm, image_token_id)
+    input_ids, attention_mask = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
+    logits = language.logits(input_ids, attention_mask, image_features)
+    tokens = language.generate(input_ids, attention_mask, image_features, max_new_tokens=max_new_tokens,
+                               **generation_kwargs)  # fmt: skip
     name = type(llm).__name__
-    del llm
+    del language, llm
     gc.collect()
     return image_features, logits, tokens[0].tolist(), name
 
@@ -185,7 +173,8 @@ def verify_conversion(
         "greedy_tokens_agree": agree,
         "greedy_tokens": tokens,
         "reference_greedy_tokens": ref_tokens,
-        "reference": f"transformers Florence2ForConditionalGeneration, projector by hand, {llm_class}",
+        "reference": f"the original algorithm: transformers Florence2ForConditionalGeneration through generate, the "
+                     f"original's mlp projector, {llm_class}",
     }
     log(
         f"verification: max abs diff image features {feature_diff:.3g}, logits {logit_diff:.3g} (tolerance "

@@ -108,7 +108,7 @@ def feature_subsets(names: Sequence[str] = FEATURE_NAMES) -> dict[str, tuple[str
 
 def _base_model(model):
     inner = getattr(model, "model", None)
-    return inner if inner is not None and hasattr(inner, "vision_tower") else model
+    return inner if inner is not None and hasattr(inner, "language_model") else model
 
 
 def _open_image(image) -> Image.Image:
@@ -135,9 +135,10 @@ def extract_features(
     Storing one pooled vector per feature is exact for the alignment loss because P is linear (affine):
     mean_t(W x_t + b) = W mean_t(x_t) + b, so projecting then pooling equals pooling then projecting.
 
-    The vision tower gets every task prompt of the config (whatever ``vision_feature_sources`` selects), with the
-    padding mask the model itself would use. Captions are right-padded within a batch, so their positions start at
-    0 and, the LLM being causal, the padding cannot reach the real tokens; the mean runs over the real tokens only.
+    The vision features are the model's own ``get_image_features(..., return_source_features=True)``: every task
+    prompt of the config (whatever ``vision_feature_sources`` selects), as fusion would receive them. Captions are
+    right-padded within a batch (the tokenizer's ``pad``), so their positions start at 0 and, the LLM being causal,
+    the padding cannot reach the real tokens; the mean runs over the real tokens only.
     """
     if len(images) != len(captions):
         raise ValueError(f"got {len(images)} images and {len(captions)} captions: one caption per image")
@@ -146,7 +147,6 @@ def extract_features(
     base = _base_model(model)
     names = feature_names(base.config)
     device, dtype = next(model.parameters()).device, model.dtype
-    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     vision = {name: [] for name in names}
     text = []
     was_training = model.training
@@ -156,7 +156,7 @@ def extract_features(
             for start in range(0, len(images), batch_size):
                 pooled, pooled_text = _pooled_batch(
                     base, processor, images[start : start + batch_size], captions[start : start + batch_size],
-                    device, dtype, pad_id, first_index=start,
+                    device, dtype, first_index=start,
                 )  # fmt: skip
                 for name, feature in zip(names, pooled):
                     vision[name].append(feature)
@@ -175,7 +175,7 @@ def extract_features(
     )
 
 
-def _pooled_batch(base, processor, images, captions, device, dtype, pad_id, first_index=0):
+def _pooled_batch(base, processor, images, captions, device, dtype, first_index=0):
     """One batch: ([depth, *breadth] pooled over image tokens, caption states pooled over real tokens), CPU float32."""
     config = base.config
     num_prompts = len(config.task_prompt_names or [])
@@ -185,29 +185,20 @@ def _pooled_batch(base, processor, images, captions, device, dtype, pad_id, firs
     if prompt_ids.shape[1] != num_prompts:
         raise ValueError(f"the processor sends {prompt_ids.shape[1]} task prompts but the config names {num_prompts} "
                          f"({config.task_prompt_names})")  # fmt: skip
-    prompt_mask = None
-    if not config.task_prompt_attend_padding:  # as FlorenceVLModel does
-        prompt_mask = (prompt_ids != config.vision_config.text_config.pad_token_id).long()
-    depth, breadth, _ = base.vision_tower(inputs["pixel_values"].to(device, dtype), prompt_ids, prompt_mask)
-    features = [depth, *breadth.unbind(1)]
-    if not config.include_average_image_token:
-        features = [feature[:, 1:] for feature in features]
-    pooled = [feature.float().mean(dim=1).cpu() for feature in features]
+    sources = base.get_image_features(
+        inputs["pixel_values"].to(device, dtype), task_prompt_ids=prompt_ids, return_source_features=True
+    ).source_features
+    pooled = [sources[name].float().mean(dim=1).cpu() for name in feature_names(config)]
 
     sequences = processor.tokenizer(list(captions))["input_ids"]
     empty = [first_index + i for i, ids in enumerate(sequences) if not ids]
     if empty:
         raise ValueError(f"captions {empty} have no tokens")
-    length = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, ids in enumerate(sequences):  # right padding
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
+    text = processor.tokenizer.pad({"input_ids": sequences}, padding=True, padding_side="right", return_tensors="pt")
     hidden = base.language_model(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+        input_ids=text["input_ids"].to(device), attention_mask=text["attention_mask"].to(device)
     ).last_hidden_state.float()
-    mask = attention_mask.to(device, hidden.dtype).unsqueeze(-1)
+    mask = text["attention_mask"].to(device, hidden.dtype).unsqueeze(-1)
     return pooled, ((hidden * mask).sum(dim=1) / mask.sum(dim=1)).cpu()
 
 
@@ -385,6 +376,33 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
+_GRID, _AXIS = (225, 225, 225), (0, 0, 0)
+
+
+@dataclass
+class _Frame:
+    """The plot area in the image (pixels), the values its edges stand for, and the ticks along its axes."""
+
+    left: int
+    right: int
+    top: int
+    bottom: int
+    x_low: float
+    x_high: float
+    low: float
+    high: float
+    x_ticks: list[float]
+    x_labels: list[str]
+    y_ticks: list[float]
+    y_labels: list[str]
+
+    def x(self, step: float) -> float:
+        return self.left + (step - self.x_low) / (self.x_high - self.x_low) * (self.right - self.left)
+
+    def y(self, value: float) -> float:
+        return self.bottom - (value - self.low) / (self.high - self.low) * (self.bottom - self.top)
+
+
 def plot_curves(
     curves: Mapping[str, Sequence[float]],
     path,
@@ -400,6 +418,20 @@ def plot_curves(
     of :data:`PALETTE` per curve, in the mapping's order, with a legend in the upper right. The file is written to a
     temporary file beside ``path`` and renamed into place.
     """
+    drawn, longest = _smoothed_curves(curves, width, height, smooth)
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = _font(12)
+    frame = _layout(draw, drawn, longest, width, height, title, font)
+    _draw_axes(draw, frame, title, width, height, font)
+    colours = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(drawn)}
+    _draw_lines(draw, frame, drawn, colours, longest)
+    _draw_legend(draw, frame, colours, font)
+    return _save_png(image, path)
+
+
+def _smoothed_curves(curves, width: int, height: int, smooth: int | None) -> tuple[dict[str, list[float]], int]:
+    """(the curves as drawn, after the moving average, the length of the longest), after checking the inputs."""
     curves = {str(name): [float(v) for v in values] for name, values in curves.items()}
     if not curves or not all(curves.values()):
         raise ValueError("plot_curves needs at least one non-empty curve")
@@ -407,8 +439,11 @@ def plot_curves(
         raise ValueError(f"the plot needs at least 200 x 150 pixels, got {width} x {height}")
     longest = max(len(values) for values in curves.values())
     window = max(1, longest // 50) if smooth is None else max(1, int(smooth))
-    drawn = {name: moving_average(values, window) for name, values in curves.items()}
+    return {name: moving_average(values, window) for name, values in curves.items()}, longest
 
+
+def _layout(draw, drawn: dict, longest: int, width: int, height: int, title: str, font) -> _Frame:
+    """The value ranges (5% margins), the ticks, and the plot area left of which the y labels fit."""
     low = min(min(values) for values in drawn.values())
     high = max(max(values) for values in drawn.values())
     if not all(math.isfinite(v) for v in (low, high)):
@@ -416,60 +451,66 @@ def plot_curves(
     pad = (high - low) * 0.05 if high > low else max(abs(high) * 0.05, 0.05)
     low, high = low - pad, high + pad
     x_low, x_high = (1.0, float(longest)) if longest > 1 else (0.0, 2.0)
-
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    font, title_font = _font(12), _font(15)
     y_ticks, y_step = _nice_ticks(low, high)
     x_ticks, x_step = _nice_ticks(x_low, x_high, integer=True)
     x_ticks = [t for t in x_ticks if t >= x_low]
     y_labels = [_tick_label(t, y_step) for t in y_ticks]
     label_width = max(draw.textlength(label, font=font) for label in y_labels)
-    left, right = int(label_width) + 16, width - 16
-    top, bottom = (34 if title else 16), height - 42
+    return _Frame(
+        left=int(label_width) + 16, right=width - 16, top=34 if title else 16, bottom=height - 42,
+        x_low=x_low, x_high=x_high, low=low, high=high,
+        x_ticks=x_ticks, x_labels=[_tick_label(t, x_step) for t in x_ticks], y_ticks=y_ticks, y_labels=y_labels,
+    )  # fmt: skip
 
-    def to_x(step: float) -> float:
-        return left + (step - x_low) / (x_high - x_low) * (right - left)
 
-    def to_y(value: float) -> float:
-        return bottom - (value - low) / (high - low) * (bottom - top)
-
-    grid, axis = (225, 225, 225), (0, 0, 0)
-    for tick, label in zip(y_ticks, y_labels):
-        y = round(to_y(tick))
-        draw.line([(left, y), (right, y)], fill=grid)
-        draw.line([(left - 5, y), (left, y)], fill=axis)
-        draw.text((left - 8, y), label, fill=axis, font=font, anchor="rm")
-    for tick in x_ticks:
-        x = round(to_x(tick))
-        draw.line([(x, top), (x, bottom)], fill=grid)
-        draw.line([(x, bottom), (x, bottom + 5)], fill=axis)
-        draw.text((x, bottom + 8), _tick_label(tick, x_step), fill=axis, font=font, anchor="mt")
-    draw.rectangle([left, top, right, bottom], outline=axis)
-    draw.text(((left + right) / 2, height - 4), "step", fill=axis, font=font, anchor="mb")
-    draw.text((left, top - 4), "loss", fill=axis, font=font, anchor="lb")
+def _draw_axes(draw, frame: _Frame, title: str, width: int, height: int, font) -> None:
+    """Grid lines, ticks and their labels, the frame, the axis names and the title."""
+    for tick, label in zip(frame.y_ticks, frame.y_labels):
+        y = round(frame.y(tick))
+        draw.line([(frame.left, y), (frame.right, y)], fill=_GRID)
+        draw.line([(frame.left - 5, y), (frame.left, y)], fill=_AXIS)
+        draw.text((frame.left - 8, y), label, fill=_AXIS, font=font, anchor="rm")
+    for tick, label in zip(frame.x_ticks, frame.x_labels):
+        x = round(frame.x(tick))
+        draw.line([(x, frame.top), (x, frame.bottom)], fill=_GRID)
+        draw.line([(x, frame.bottom), (x, frame.bottom + 5)], fill=_AXIS)
+        draw.text((x, frame.bottom + 8), label, fill=_AXIS, font=font, anchor="mt")
+    draw.rectangle([frame.left, frame.top, frame.right, frame.bottom], outline=_AXIS)
+    draw.text(((frame.left + frame.right) / 2, height - 4), "step", fill=_AXIS, font=font, anchor="mb")
+    draw.text((frame.left, frame.top - 4), "loss", fill=_AXIS, font=font, anchor="lb")
     if title:
-        draw.text((width / 2, 6), title, fill=axis, font=title_font, anchor="mt")
+        draw.text((width / 2, 6), title, fill=_AXIS, font=_font(15), anchor="mt")
 
-    colours = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(drawn)}
+
+def _draw_lines(draw, frame: _Frame, drawn: dict, colours: dict, longest: int) -> None:
+    """Each curve as a line (a dot when the plot has a single step)."""
     for name, values in drawn.items():
-        points = [(to_x(i + 1), to_y(v)) for i, v in enumerate(values)] if longest > 1 else [(to_x(1), to_y(values[0]))]
+        if longest > 1:
+            points = [(frame.x(i + 1), frame.y(v)) for i, v in enumerate(values)]
+        else:
+            points = [(frame.x(1), frame.y(values[0]))]
         if len(points) == 1:
             x, y = points[0]
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colours[name])
         else:
             draw.line(points, fill=colours[name], width=2)
 
-    line_height, swatch = 16, 22
-    legend_width = swatch + 14 + int(max(draw.textlength(name, font=font) for name in drawn))
-    legend_height = line_height * len(drawn) + 8
-    x0, y0 = right - legend_width - 8, top + 8
-    draw.rectangle([x0, y0, x0 + legend_width, y0 + legend_height], fill="white", outline=(160, 160, 160))
-    for i, name in enumerate(drawn):
-        y = y0 + 4 + line_height * i + line_height // 2
-        draw.line([(x0 + 5, y), (x0 + 5 + swatch, y)], fill=colours[name], width=3)
-        draw.text((x0 + 10 + swatch, y), name, fill=axis, font=font, anchor="lm")
 
+def _draw_legend(draw, frame: _Frame, colours: dict, font) -> None:
+    """A swatch and the name of every curve, in a box in the upper right of the plot area."""
+    line_height, swatch = 16, 22
+    legend_width = swatch + 14 + int(max(draw.textlength(name, font=font) for name in colours))
+    legend_height = line_height * len(colours) + 8
+    x0, y0 = frame.right - legend_width - 8, frame.top + 8
+    draw.rectangle([x0, y0, x0 + legend_width, y0 + legend_height], fill="white", outline=(160, 160, 160))
+    for i, (name, colour) in enumerate(colours.items()):
+        y = y0 + 4 + line_height * i + line_height // 2
+        draw.line([(x0 + 5, y), (x0 + 5 + swatch, y)], fill=colour, width=3)
+        draw.text((x0 + 10 + swatch, y), name, fill=_AXIS, font=font, anchor="lm")
+
+
+def _save_png(image: Image.Image, path) -> Path:
+    """Write `image` to a temporary file beside `path`, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=sibling_prefix(path, "write"), suffix=".tmp", dir=path.parent)

@@ -96,8 +96,23 @@ def format_table(curves: dict, subsets: dict, features, fraction: float = 0.1) -
 
 
 def run_alignment_command(args) -> int:
+    """Load the image-caption pairs, extract their features with the model, train P on every feature subset, then
+    print the final losses and write the plot (and the JSON)."""
+    loaded = _load_pairs(args)
+    if loaded is None:
+        return 1
+    paths, captions, skipped = loaded
+    features, device, dtype = _extract(args, paths, captions, skipped)
+    subsets = feature_subsets(features.names)
+    curves = _train_curves(args, features, subsets, paths, captions, device)
+    _write_results(args, features, subsets, curves, len(paths), dtype)
+    return 0
+
+
+def _load_pairs(args) -> tuple[list[Path], list[str], int] | None:
+    """The options checked and the pairs of `--data` read: (image paths, captions, samples skipped), or None once an
+    error is printed."""
     from ..errors import require_at_least
-    from .alignment import extract_features, final_loss, plot_curves, run_alignment
 
     require_at_least("--steps", args.steps, 1)
     require_at_least("--batch-size", args.batch_size, 2)
@@ -108,19 +123,24 @@ def run_alignment_command(args) -> int:
                                                       args.distinct_captions)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return None
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:
         print(f"error: {len(missing)} images are missing, e.g. {missing[0]} (check --image-folder)", file=sys.stderr)
-        return 1
+        return None
     if len(paths) < 2:
         print(f"error: {args.data} has {len(paths)} usable image-caption pairs; need at least 2", file=sys.stderr)
-        return 1
+        return None
+    return paths, captions, skipped
 
+
+def _extract(args, paths, captions, skipped):
+    """(the pooled features of every pair, the device, the dtype name): the model is loaded, used, and freed."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from .. import FlorenceVLConfig  # noqa: F401  (registers florence_vl with the Auto classes)
+    from .alignment import extract_features
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
@@ -139,9 +159,14 @@ def run_alignment_command(args) -> int:
     features = extract_features(model, processor, paths, captions, batch_size=args.extract_batch_size, log=progress)
     del model
     print(f"extracted features {list(features.names)} in {time.perf_counter() - started:.1f}s")
+    return features, device, dtype
 
-    subsets = feature_subsets(features.names)
-    curves = run_alignment(
+
+def _train_curves(args, features, subsets, paths, captions, device) -> dict[str, list[float]]:
+    """The loss curve of every subset, P trained on the extracted features."""
+    from .alignment import run_alignment
+
+    return run_alignment(
         None,
         None,
         paths,
@@ -157,20 +182,26 @@ def run_alignment_command(args) -> int:
         features=features,
         log=lambda line: print(f"  trained P for {line}", flush=True),
     )
-    batch = min(args.batch_size, len(paths))
+
+
+def _write_results(args, features, subsets, curves, num_pairs: int, dtype: str) -> None:
+    """The settings and the table of final losses printed, the plot written, and with `--json` the curves."""
+    from .alignment import final_loss, plot_curves
+
+    batch = min(args.batch_size, num_pairs)
     tail = max(1, -(-args.steps // 10))
-    print(f"alignment loss: {len(paths)} pairs, {args.steps} steps, batch {batch}, lr {args.lr:g}, seed {args.seed}; "
+    print(f"alignment loss: {num_pairs} pairs, {args.steps} steps, batch {batch}, lr {args.lr:g}, seed {args.seed}; "
           f"final loss = mean of the last {tail} steps (chance: log {batch} = {math.log(batch):.4f})")  # fmt: skip
     print(format_table(curves, subsets, features))
 
-    title = f"Alignment loss: {Path(str(args.model).rstrip('/')).name}, {len(paths)} pairs, batch {batch}"
+    title = f"Alignment loss: {Path(str(args.model).rstrip('/')).name}, {num_pairs} pairs, batch {batch}"
     output = plot_curves(curves, args.output, title=title, smooth=args.smooth)
     print(f"wrote {output}")
     if args.json:
         summary = {
             "model": str(args.model),
             "data": str(args.data),
-            "num_pairs": len(paths),
+            "num_pairs": num_pairs,
             "feature_names": list(features.names),
             "settings": {"steps": args.steps, "batch_size": batch, "lr": args.lr, "weight_decay": args.weight_decay,
                          "temperature": args.temperature, "seed": args.seed, "optimizer": "AdamW",
@@ -182,7 +213,6 @@ def run_alignment_command(args) -> int:
         }  # fmt: skip
         write_text_atomic(args.json, json.dumps(summary, indent=1) + "\n")
         print(f"wrote {args.json}")
-    return 0
 
 
 __all__ = ["add_alignment_parser", "format_table", "load_caption_pairs", "run_alignment_command"]

@@ -92,7 +92,47 @@ def _output_fields(outputs, image_outputs) -> dict:
     return fields
 
 
-class FlorenceVLVisionFeatureCache:
+@dataclass
+class FlorenceVLImageFeaturesOutput(BaseModelOutputWithPooling):
+    r"""
+    source_features (`dict[str, torch.FloatTensor]`, *optional*):
+        With `return_source_features=True`: every feature set before fusion, as fusion receives it, keyed by source
+        name: `"depth"` (the projected DaViT tokens) and each of the config's task prompts (the Florence-2 encoder's
+        output at the image positions), each `(num_images, tokens, width)`, without the average-image token when
+        the config leaves it out.
+    """
+
+    source_features: dict[str, torch.FloatTensor] | None = None
+
+
+class LRUCache:
+    """The entries of the last `max_images` images used, the least recently used dropped first.
+
+    The package's one LRU store (training's `ImageCache` builds on it too). An OrderedDict rather than
+    `functools.lru_cache`: entries are put after a computation over a whole batch, not returned by a call per key.
+    """
+
+    def __init__(self, max_images: int):
+        if max_images < 1:
+            raise ValueError(f"max_images must be at least 1, got {max_images}")
+        self.max_images = max_images
+        self.entries: OrderedDict = OrderedDict()
+
+    def get(self, key):
+        """The entry of `key` (now the most recently used), or None."""
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+        return entry
+
+    def put(self, key, entry):
+        self.entries[key] = entry
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.max_images:
+            self.entries.popitem(last=False)
+
+
+class FlorenceVLVisionFeatureCache(LRUCache):
     """Fused image features of the last `max_images` images, keyed by a hash of their pixel values and task prompts.
 
     For multi-turn chats about one image: each turn re-sends the image, and a hit skips the vision tower. Entries are
@@ -102,10 +142,7 @@ class FlorenceVLVisionFeatureCache:
     """
 
     def __init__(self, max_images: int = 8):
-        if max_images < 1:
-            raise ValueError(f"max_images must be at least 1, got {max_images}")
-        self.max_images = max_images
-        self.entries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        super().__init__(max_images)  # entries: key -> (depth, projected)
         self.hits = 0
         self.misses = 0
         self.weights_state: tuple | None = None
@@ -126,19 +163,15 @@ class FlorenceVLVisionFeatureCache:
         return digest.hexdigest()
 
     def get(self, key: str):
-        entry = self.entries.get(key)
+        entry = super().get(key)
         if entry is None:
             self.misses += 1
-            return None
-        self.hits += 1
-        self.entries.move_to_end(key)
+        else:
+            self.hits += 1
         return entry
 
     def put(self, key: str, depth: torch.Tensor, projected: torch.Tensor):
-        self.entries[key] = (depth.detach(), projected.detach())
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.max_images:
-            self.entries.popitem(last=False)
+        super().put(key, (depth.detach(), projected.detach()))
 
     def clear(self):
         self.entries.clear()
@@ -268,21 +301,24 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
                 f"got {tuple(pixel_values.shape)}"
             )
 
-    def _task_prompts(self, task_prompt_ids, num_images, device):
+    def _task_prompts(self, task_prompt_ids, num_images, device, every_prompt: bool = False):
+        """(the prompts to encode, their padding mask or None, {source name: its row among them}): the prompts
+        `vision_feature_sources` selects, or with `every_prompt` all the config's."""
+        names = self.config.task_prompt_names
         if task_prompt_ids is None:
             ids = torch.tensor(self.config.task_prompt_ids, dtype=torch.long, device=device)
             task_prompt_ids = ids.unsqueeze(0).expand(num_images, -1, -1)
-        elif task_prompt_ids.ndim != 3 or task_prompt_ids.shape[:2] != (num_images, len(self.config.task_prompt_names)):
+        elif task_prompt_ids.ndim != 3 or task_prompt_ids.shape[:2] != (num_images, len(names)):
             raise ValueError(
                 f"task_prompt_ids must have shape (num_images={num_images}, "
-                f"num_prompts={len(self.config.task_prompt_names)}, prompt_length), got {tuple(task_prompt_ids.shape)}"
+                f"num_prompts={len(names)}, prompt_length), got {tuple(task_prompt_ids.shape)}"
             )
-        used = [self.config.task_prompt_names.index(s) for s in self.config.vision_feature_sources if s != DEPTH_FEATURE]
-        task_prompt_ids = task_prompt_ids[:, used].to(device)
+        encoded = names if every_prompt else [s for s in self.config.vision_feature_sources if s != DEPTH_FEATURE]
+        task_prompt_ids = task_prompt_ids[:, [names.index(name) for name in encoded]].to(device)
         mask = None
         if not self.config.task_prompt_attend_padding:
             mask = (task_prompt_ids != self.config.vision_config.text_config.pad_token_id).long()
-        return task_prompt_ids, mask, used
+        return task_prompt_ids, mask, {name: row for row, name in enumerate(encoded)}
 
     def enable_vision_feature_cache(self, max_images: int = 8) -> FlorenceVLVisionFeatureCache:
         """Reuse the image features of the last `max_images` images (e.g. a second question about the same image
@@ -328,26 +364,37 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         task_prompt_ids: torch.LongTensor | None = None,
+        *,
+        return_source_features: bool = False,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple | BaseModelOutputWithPooling:
+    ) -> tuple | FlorenceVLImageFeaturesOutput:
         """Fused, projected image features: `pooler_output` has shape `(num_images, num_image_tokens, hidden)`.
 
         `task_prompt_ids` `(num_images, num_prompts, prompt_length)` come from the processor; the config's prompts
         are used when absent. `last_hidden_state` holds the depth feature (the projected DaViT tokens);
         `hidden_states` / `attentions` (with `output_hidden_states` / `output_attentions`) are the Florence-2
-        encoder's, over the `num_images * num_prompts` image-and-prompt sequences.
+        encoder's, over the `num_images * num_prompts` image-and-prompt sequences. `return_source_features=True`
+        also returns every feature set before fusion (`source_features`); the encoder then runs every task prompt
+        of the config, whichever `vision_feature_sources` selects, and the vision feature cache is not used.
         """
         self._check_pixel_values(pixel_values)
-        prompts, prompt_mask, used = self._task_prompts(task_prompt_ids, pixel_values.shape[0], pixel_values.device)
+        prompts, prompt_mask, breadth_row = self._task_prompts(
+            task_prompt_ids, pixel_values.shape[0], pixel_values.device, every_prompt=return_source_features
+        )
         cache = self.vision_feature_cache
-        wants_internals = any(kwargs.get(name) for name in ("output_hidden_states", "output_attentions"))
+        wants_internals = return_source_features or any(
+            kwargs.get(name) for name in ("output_hidden_states", "output_attentions")
+        )
         if cache is None or wants_internals or torch.is_grad_enabled():
-            depth, projected, encoded = self._image_features(pixel_values, prompts, prompt_mask, used, **kwargs)
-            return BaseModelOutputWithPooling(
+            depth, projected, encoded, sources = self._image_features(
+                pixel_values, prompts, prompt_mask, breadth_row, **kwargs
+            )
+            return FlorenceVLImageFeaturesOutput(
                 last_hidden_state=depth,
                 pooler_output=projected,
                 hidden_states=getattr(encoded, "hidden_states", None),
                 attentions=getattr(encoded, "attentions", None),
+                source_features=sources if return_source_features else None,
             )
 
         cache.sync(self._vision_weights_state())
@@ -360,33 +407,32 @@ class FlorenceVLModel(FlorenceVLPreTrainedModel):
         if first_row:
             rows = list(first_row.values())
             mask = prompt_mask[rows] if prompt_mask is not None else None
-            depth, projected, _ = self._image_features(pixel_values[rows], prompts[rows], mask, used, **kwargs)
+            depth, projected, _, _ = self._image_features(
+                pixel_values[rows], prompts[rows], mask, breadth_row, **kwargs
+            )
             computed = {key: (depth[i], projected[i]) for i, key in enumerate(first_row)}
             for key, entry in computed.items():
                 cache.put(key, *entry)
             found = [entry if entry is not None else computed[key] for key, entry in zip(keys, found)]
-        return BaseModelOutputWithPooling(
+        return FlorenceVLImageFeaturesOutput(
             last_hidden_state=torch.stack([entry[0] for entry in found]),
             pooler_output=torch.stack([entry[1] for entry in found]),
         )
 
-    def _image_features(self, pixel_values, prompts, prompt_mask, used, **kwargs):
+    def _image_features(self, pixel_values, prompts, prompt_mask, breadth_row, **kwargs):
+        """(depth, fused and projected features, the encoder's output, {source: features before fusion})."""
         depth, breadth, encoded = self.vision_tower(pixel_values, prompts, prompt_mask, **kwargs)
-        features = []
-        for source in self.config.vision_feature_sources:
-            if source == DEPTH_FEATURE:
-                features.append(depth)
-            else:
-                features.append(breadth[:, used.index(self.config.task_prompt_names.index(source))])
+        sources = {DEPTH_FEATURE: depth, **{name: breadth[:, row] for name, row in breadth_row.items()}}
         if not self.config.include_average_image_token:
-            features = [feature[:, 1:] for feature in features]
+            sources = {name: feature[:, 1:] for name, feature in sources.items()}
+        features = [sources[name] for name in self.config.vision_feature_sources]
         if self.config.fusion == "channel":
             fused = torch.cat(features, dim=-1)
         elif self.config.fusion == "token":
             fused = torch.cat(features, dim=1)
         else:
             fused = torch.stack(features).mean(dim=0)
-        return depth, self.multi_modal_projector(fused), encoded
+        return depth, self.multi_modal_projector(fused), encoded, sources
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
         if input_ids is None:
@@ -486,9 +532,13 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
         self,
         pixel_values: torch.Tensor,
         task_prompt_ids: torch.LongTensor | None = None,
+        *,
+        return_source_features: bool = False,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple | BaseModelOutputWithPooling:
-        return self.model.get_image_features(pixel_values, task_prompt_ids=task_prompt_ids, **kwargs)
+    ) -> tuple | FlorenceVLImageFeaturesOutput:
+        return self.model.get_image_features(
+            pixel_values, task_prompt_ids=task_prompt_ids, return_source_features=return_source_features, **kwargs
+        )
 
     def enable_vision_feature_cache(self, max_images: int = 8) -> FlorenceVLVisionFeatureCache:
         return self.model.enable_vision_feature_cache(max_images)
@@ -542,6 +592,7 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel, GenerationMi
 
 __all__ = [
     "FlorenceVLForConditionalGeneration",
+    "FlorenceVLImageFeaturesOutput",
     "FlorenceVLVisionFeatureCache",
     "FlorenceVLModel",
     "FlorenceVLPreTrainedModel",

@@ -17,7 +17,6 @@ reply is unusable (the original masks it: here it is skipped and reported).
 import json
 import logging
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..families import FAMILY_NAMES
+from ..modeling.modeling_florence_vl import LRUCache
 
 IGNORE_INDEX = -100
 # "plain" is the stage-1 training format; the others are the LLM families' chat templates.
@@ -155,31 +155,14 @@ def tokenize_sample(
     return ids, labels
 
 
-class ImageCache:
-    """Preprocessed `pixel_values` of the `max_images` most recently used images, keyed by file path.
+class ImageCache(LRUCache):
+    """Preprocessed `pixel_values` of the `max_images` most recently used images, keyed by file path (`get`, `put`).
 
     Later epochs, and every other question about the same image, then skip decoding, padding and resizing (for a
     small model on a CPU, 10-20% of a training step). Share one between datasets (stage 1 and stage 2 of the same
-    images). Each image takes `3 * image_size**2 * 4` bytes (196 KB at 128 px).
+    images). Each image takes `3 * image_size**2 * 4` bytes (196 KB at 128 px). The eviction is the model's own
+    (`LRUCache`, which the vision feature cache uses too).
     """
-
-    def __init__(self, max_images: int):
-        if max_images < 1:
-            raise ValueError(f"max_images must be at least 1, got {max_images}")
-        self.max_images = max_images
-        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-
-    def get(self, key: str) -> torch.Tensor | None:
-        value = self.entries.get(key)
-        if value is not None:
-            self.entries.move_to_end(key)
-        return value
-
-    def put(self, key: str, value: torch.Tensor) -> None:
-        self.entries[key] = value
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.max_images:
-            self.entries.popitem(last=False)
 
 
 def image_pixel_values(processor, path: Path, image_cache: ImageCache | None = None) -> torch.Tensor:
@@ -286,27 +269,26 @@ class ConversationDataset(Dataset):
 
 @dataclass
 class FlorenceVLDataCollator:
-    """Pads examples on the right into `input_ids`, `attention_mask`, `labels` (-100 on padding), and stacks the
-    images of the samples that have one into `pixel_values`, with a row of task prompt ids per image."""
+    """Pads examples on the right into `input_ids`, `attention_mask` (the tokenizer's `pad`), `labels` (IGNORE_INDEX
+    on padding), and stacks the images of the samples that have one into `pixel_values`, with a row of task prompt
+    ids per image."""
 
     processor: object
     pad_to_multiple_of: int | None = None
 
     def __call__(self, examples: list[dict]) -> dict:
-        longest = max(len(example["input_ids"]) for example in examples)
-        if self.pad_to_multiple_of:
-            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        pad_id = self.processor.tokenizer.pad_token_id
-        batch = {
-            "input_ids": torch.full((len(examples), longest), pad_id, dtype=torch.long),
-            "attention_mask": torch.zeros((len(examples), longest), dtype=torch.long),
-            "labels": torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long),
-        }
+        padded = self.processor.tokenizer.pad(
+            {"input_ids": [example["input_ids"] for example in examples]},
+            padding=True,
+            pad_to_multiple_of=self.pad_to_multiple_of or None,
+            padding_side="right",
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        batch = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+        batch["labels"] = torch.full_like(batch["input_ids"], IGNORE_INDEX)  # the tokenizer pads token ids only
         for row, example in enumerate(examples):
-            length = len(example["input_ids"])
-            batch["input_ids"][row, :length] = torch.tensor(example["input_ids"])
-            batch["attention_mask"][row, :length] = 1
-            batch["labels"][row, :length] = torch.tensor(example["labels"])
+            batch["labels"][row, : len(example["labels"])] = torch.tensor(example["labels"])
         images = [example["pixel_values"] for example in examples if example.get("pixel_values") is not None]
         if images:
             batch["pixel_values"] = torch.cat(images)
