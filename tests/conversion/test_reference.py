@@ -11,14 +11,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Florence2Config, F
 
 from florence_vl_hf.conversion.parts import from_pretrained_parts
 from florence_vl_hf.conversion.reference import OriginalLLM, OriginalVision, florence2_image_tokens, mlp_projector
-from florence_vl_hf.processing import asset_dir
+from florence_vl_hf.families import family
 from florence_vl_hf.tiny import tiny_config
 
 ATOL = 1e-5  # float32
-ASSETS = {"phi3": ("phi-3.5-mini-instruct", "phi3"), "llama": ("llama-3.1-8b-instruct", "llama3")}
 
 
-@pytest.fixture(scope="module", params=["phi3", "llama"])
+@pytest.fixture(scope="module", params=["phi3", "llama3"])
 def parts(request, tmp_path_factory):
     """Folders of a random native Florence-2 (one extra vocabulary row: its image placeholder) and a random LLM."""
     folder = tmp_path_factory.mktemp(f"parts-{request.param}")
@@ -39,10 +38,9 @@ def parts(request, tmp_path_factory):
 
 def build(parts, include_average_image_token, batch_prompts=False):
     llm, folder = parts
-    assets, template = ASSETS[llm]
     model, processor = from_pretrained_parts(
-        folder / "florence2", folder / "llm", tokenizer=AutoTokenizer.from_pretrained(str(asset_dir(assets))),
-        template=template, image_size=32, include_average_image_token=include_average_image_token, seed=1,
+        folder / "florence2", folder / "llm", tokenizer=AutoTokenizer.from_pretrained(str(family(llm).asset_dir)),
+        template=llm, image_size=32, include_average_image_token=include_average_image_token, seed=1,
     )  # fmt: skip
     state = model.state_dict()
     prefix = "model.multi_modal_projector.linears."

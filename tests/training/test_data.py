@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import write_samples
 
-from florence_vl_hf.processing import template_for_text_config
+from florence_vl_hf.families import family_of
 from florence_vl_hf.training import (
     IGNORE_INDEX,
     ConversationDataset,
@@ -204,7 +204,7 @@ def test_image_cache_drops_the_least_recently_used_image():
 def test_collated_batch_equals_a_batch_padded_by_hand(tiny, data_folder, pad_to_multiple_of):
     model, processor = tiny
     folder, samples = data_folder
-    template = template_for_text_config(model.config.text_config)
+    template = family_of(model.config.text_config).name
     dataset = ConversationDataset(samples, processor, template, image_folder=folder, original_masking=False)
     examples = [dataset[1], dataset[2], dataset[0]]  # two rounds with an image, text only, a caption
     batch = FlorenceVLDataCollator(processor, pad_to_multiple_of=pad_to_multiple_of)(examples)

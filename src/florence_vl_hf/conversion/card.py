@@ -47,7 +47,8 @@ def provenance_markdown(report: dict) -> str:
     if verification.get("passed"):
         lines.append(
             "- Verified against an independent forward from the source tensors (transformers' native Florence-2, the "
-            f"projector by hand, the source LLM's own class) in {verification['compute_dtype']} on one image: max abs "
+            "original's mlp projector, the source LLM's own class) in "
+            f"{verification['compute_dtype']} on one image: max abs "
             f"difference {verification['max_abs_diff']['image_features']:.3g} on the fused image features and "
             f"{verification['max_abs_diff']['logits']:.3g} on the logits (tolerance "
             f"{verification['tolerance']:.3g} relative), greedy tokens "
