@@ -74,27 +74,9 @@ def training_arguments(
     TrainingArguments otherwise demands be set by hand), unless `use_cpu` is given.
     """
     recipe = paper_recipe(llm, stage)
-    global_batch_size = global_batch_size or recipe.global_batch_size
-    launched = launched_world_size()
-    if world_size is None:
-        world_size = launched
-    elif launched > 1 and world_size != launched:
-        raise TrainingSetupError(
-            f"world_size={world_size}, but {launched} processes were launched (WORLD_SIZE): the global batch would be "
-            "split over the wrong number of processes"
-        )
-    for name, value in (("global_batch_size", global_batch_size), ("per_device_train_batch_size",
-                        per_device_train_batch_size), ("world_size", world_size)):  # fmt: skip
-        if not isinstance(value, int) or value < 1:
-            raise TrainingSetupError(f"{name} must be a positive integer, got {value!r}")
-    per_step = per_device_train_batch_size * world_size
-    if global_batch_size % per_step:
-        raise TrainingSetupError(
-            f"The global batch {global_batch_size} is not a multiple of the per-device batch "
-            f"{per_device_train_batch_size} x {world_size} process{'es' if world_size > 1 else ''} = {per_step}: "
-            "choose a per-device batch (--per-device-batch-size) and global batch (--global-batch-size) that divide"
-        )
-    accumulation = global_batch_size // per_step
+    world_size = _checked_world_size(world_size)
+    accumulation = _accumulation_steps(global_batch_size or recipe.global_batch_size, per_device_train_batch_size,
+                                       world_size)  # fmt: skip
     values = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=per_device_train_batch_size,
@@ -113,6 +95,44 @@ def training_arguments(
         remove_unused_columns=False,  # the collator needs every field of the examples
     )
     values.update(overrides)
+    on_cpu = _choose_cpu(values, overrides)
+    _refuse_unsupported_sharding(values, on_cpu)
+    return TrainingArguments(**values)
+
+
+def _checked_world_size(world_size: int | None) -> int:
+    """`world_size`, by default the launcher's; refused when it contradicts the launcher's."""
+    launched = launched_world_size()
+    if world_size is None:
+        return launched
+    if launched > 1 and world_size != launched:
+        raise TrainingSetupError(
+            f"world_size={world_size}, but {launched} processes were launched (WORLD_SIZE): the global batch would be "
+            "split over the wrong number of processes"
+        )
+    return world_size
+
+
+def _accumulation_steps(global_batch_size, per_device_train_batch_size, world_size) -> int:
+    """Gradient accumulation steps that make the global batch from the per-device batches of every process."""
+    for name, value in (("global_batch_size", global_batch_size), ("per_device_train_batch_size",
+                        per_device_train_batch_size), ("world_size", world_size)):  # fmt: skip
+        if not isinstance(value, int) or value < 1:
+            raise TrainingSetupError(f"{name} must be a positive integer, got {value!r}")
+    per_step = per_device_train_batch_size * world_size
+    if global_batch_size % per_step:
+        raise TrainingSetupError(
+            f"The global batch {global_batch_size} is not a multiple of the per-device batch "
+            f"{per_device_train_batch_size} x {world_size} process{'es' if world_size > 1 else ''} = {per_step}: "
+            "choose a per-device batch (--per-device-batch-size) and global batch (--global-batch-size) that divide"
+        )
+    return global_batch_size // per_step
+
+
+def _choose_cpu(values: dict, overrides: dict) -> bool:
+    """Set `use_cpu` (and gloo under a launcher) where the machine needs it unless the caller chose; True when the
+    run will be on the CPU."""
+    launched = launched_world_size()
     wants_bf16 = values.get("bf16") or values.get("bf16_full_eval")
     if wants_bf16 and "use_cpu" not in overrides and not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
         values["use_cpu"] = True
@@ -122,6 +142,11 @@ def training_arguments(
         # trains alone on the whole data set.
         values["use_cpu"] = True
         values.setdefault("ddp_backend", "gloo")
+    return on_cpu
+
+
+def _refuse_unsupported_sharding(values: dict, on_cpu: bool) -> None:
+    """FSDP and DeepSpeed on the CPU, and FSDP without a launcher, would silently not shard: refused."""
     for option, name in (("fsdp", "FSDP"), ("deepspeed", "DeepSpeed")):
         if not values.get(option):
             continue
@@ -133,12 +158,11 @@ def training_arguments(
                 f"{name} (--{option}) needs GPUs: {why}. Leave --{option} out: torchrun on the CPU trains "
                 "data-parallel over gloo"
             )
-        if option == "fsdp" and launched == 1 and "LOCAL_RANK" not in os.environ:
+        if option == "fsdp" and launched_world_size() == 1 and "LOCAL_RANK" not in os.environ:
             raise TrainingSetupError(
                 "FSDP (--fsdp) needs a launcher: run under torchrun or accelerate launch (one process without one "
                 "would not shard)"
             )
-    return TrainingArguments(**values)
 
 
 _FSDP_WORDS = {"full_shard": ("reshard_after_forward", True), "shard_grad_op": ("reshard_after_forward", False),
@@ -264,24 +288,34 @@ def train(
     check_sharding(trainer)
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     output = Path(args.output_dir)
-    skipped = dict(dataset.skipped)
-    if args.world_size > 1 and torch.distributed.is_initialized():
-        # each process skips the bad samples among its own share of the data
-        shares = [None] * args.world_size
-        torch.distributed.all_gather_object(shares, skipped)
-        skipped = {key: reason for share in shares for key, reason in share.items()}
+    skipped = _skipped_on_every_process(dataset, args)
     if save:
         model.eval()
-    if save and trainer.is_world_process_zero():  # every process holds the same weights: the first one writes
-        steps = f"{result.global_step} optimizer steps on {len(dataset)} samples"
-        if lora is not None:
-            model.save_pretrained(output)
-            processor.save_pretrained(output)
-            complete_adapter_card(output, model.config)
-        else:
-            save_hub_folder(model, processor, output, description=f"Trained with `florence_vl_hf` ({stage} stage, {steps}).")
-    if save:
+        if trainer.is_world_process_zero():  # every process holds the same weights: the first one writes
+            steps = f"{result.global_step} optimizer steps on {len(dataset)} samples"
+            _save_trained(model, processor, output, adapter=lora is not None,
+                          description=f"Trained with `florence_vl_hf` ({stage} stage, {steps}).")  # fmt: skip
         trainer.accelerator.wait_for_everyone()  # the folder is complete when train returns on any process
     if skipped and trainer.is_world_process_zero():
         logger.warning("%d samples were skipped: %s", len(skipped), skipped)
     return TrainResult(trainer=trainer, metrics=result.metrics, skipped=skipped, output_dir=output)
+
+
+def _skipped_on_every_process(dataset, args) -> dict:
+    """The samples skipped as unusable, gathered from every process (each skips the bad ones of its own share)."""
+    skipped = dict(dataset.skipped)
+    if args.world_size > 1 and torch.distributed.is_initialized():
+        shares = [None] * args.world_size
+        torch.distributed.all_gather_object(shares, skipped)
+        skipped = {key: reason for share in shares for key, reason in share.items()}
+    return skipped
+
+
+def _save_trained(model, processor, output: Path, adapter: bool, description: str) -> None:
+    """A LoRA adapter with the processor and an adapter card, or the whole model as a Hub folder."""
+    if adapter:
+        model.save_pretrained(output)
+        processor.save_pretrained(output)
+        complete_adapter_card(output, model.config)
+    else:
+        save_hub_folder(model, processor, output, description=description)
